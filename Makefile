@@ -1,0 +1,33 @@
+# The README's two commands:
+#   make run    set everything up, then txt2img on the embedded default model
+#   make test   set everything up, then the test suite
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+PROMPT ?= a red circle on a blue background
+
+.PHONY: setup run test bench clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(VENV)/.requirements: requirements.txt requirements-dev.txt | $(BIN)/python
+	$(BIN)/pip install -q -r requirements-dev.txt
+	touch $@
+
+# Builds ldm._C (CPU always, CUDA when a toolkit and a CUDA torch are present).
+setup: $(VENV)/.requirements
+	$(BIN)/pip install -q --no-build-isolation -e .
+
+run: setup
+	$(BIN)/python scripts/txt2img.py --prompt "$(PROMPT)"
+
+test: setup
+	$(BIN)/python -m pytest -q tests
+
+bench: setup
+	$(BIN)/python scripts/bench_kernels.py
+
+clean:
+	rm -rf build *.egg-info ldm/_C*.so

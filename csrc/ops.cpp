@@ -1,0 +1,27 @@
+// The one TORCH_LIBRARY block of ldm: every op schema lives here. Implementations register
+// per dispatch key in csrc/cpu/*.cpp and csrc/cuda/*.cu; fake (meta) and autograd
+// registrations are in ldm/kernels/*.py.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// Empty module so `import ldm._C` loads the shared library (and so runs the registrations).
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(ldm, m) {
+  // y = [silu](group_norm(x)); also returns the fp32 per-(n, group) mean and rstd, [N, G].
+  m.def("group_norm_silu(Tensor x, int num_groups, Tensor? weight, Tensor? bias, float eps, "
+        "bool silu) -> (Tensor, Tensor, Tensor)");
+  // Gradients of x, weight, bias (undefined where output_mask is false / weight or bias absent).
+  m.def("group_norm_silu_backward(Tensor grad_y, Tensor x, Tensor mean, Tensor rstd, "
+        "Tensor? weight, Tensor? bias, int num_groups, bool silu, bool[3] output_mask) "
+        "-> (Tensor, Tensor, Tensor)");
+  // One sampler step: guidance, parameterisation conversion and the update, fused.
+  // coeffs layout: see ldm/kernels/sampler_step.py (COEFF_* indices).
+  m.def("sampler_step(Tensor x, Tensor model_output, Tensor coeffs, Tensor? noise, "
+        "Tensor? prev, int prediction_type, bool learned_variance) -> (Tensor, Tensor)");
+}

@@ -1,0 +1,7 @@
+"""Python face of the fused ops in `ldm._C` (each beside its reference implementation)."""
+from ldm.kernels.group_norm_silu import group_norm_silu, group_norm_silu_reference
+from ldm.kernels.sampler_step import (PredictionType, sampler_step, sampler_step_reference,
+                                      step_coefficients)
+
+__all__ = ["group_norm_silu", "group_norm_silu_reference", "sampler_step",
+           "sampler_step_reference", "step_coefficients", "PredictionType"]

@@ -1,0 +1,111 @@
+"""One fused sampler step: classifier-free guidance, parameterisation and update.
+
+Every sampler step we support is, per element,
+
+    out      = u + g * (c - u)            if model_output holds [uncond; cond] (2B rows)
+             = model_output               if it holds B rows
+    x        = a * x0 + s * eps           (how the current latent relates to x0 and eps)
+    x0, eps  from out by the parameterisation (eps, v or x0; for v we normalise by
+             r = sqrt(a^2 + s^2) so VE-style sigma schedules work too)
+    x_next   = c_x * x + c_x0 * x0 + c_eps * eps + c_prev * prev + c_noise * std * noise
+
+with std = 1, or, for learned variance (model_output has 2C channels, the second half
+interpolating log-variances as improved DDPM eq. 15 does),
+std = exp(0.5 * (f * logvar_max + (1 - f) * logvar_min)), f = (var_out + 1) / 2.
+
+DDIM: a=sqrt(abar_t), s=sqrt(1-abar_t), c_x0=sqrt(abar_prev), c_eps=sqrt(1-abar_prev-sigma^2),
+c_noise=sigma. DDPM posterior: c_x=coef2, c_x0=coef1, c_noise=posterior std. Euler in sigma
+space: a=1, s=sigma, c_x=1, c_eps=sigma_next-sigma. DPM-Solver++(2M): c_x=sigma_next/sigma,
+c_x0 and c_prev (previous denoised) from its multistep formula. PLMS: prev = combined history.
+
+Coefficients travel as a float32 tensor on x's device (one row per step, precomputed), so
+a sampling loop has no host scalars and can be captured in a CUDA graph.
+"""
+from __future__ import annotations
+
+import enum
+
+import torch
+from torch import Tensor
+
+from ldm._extension import has_extension
+
+
+class PredictionType(enum.IntEnum):
+    EPS = 0
+    V = 1
+    X0 = 2
+
+
+# Indices into the coefficient vector.
+COEFF_GUIDANCE, COEFF_A, COEFF_S, COEFF_X, COEFF_X0, COEFF_EPS, COEFF_NOISE, COEFF_PREV, \
+    COEFF_LOGVAR_MIN, COEFF_LOGVAR_MAX = range(10)
+NUM_COEFFS = 10
+
+
+def step_coefficients(*, a: Tensor | float, s: Tensor | float, guidance_scale: Tensor | float = 1.0,
+                      c_x: Tensor | float = 0.0, c_x0: Tensor | float = 0.0,
+                      c_eps: Tensor | float = 0.0, c_noise: Tensor | float = 0.0,
+                      c_prev: Tensor | float = 0.0, logvar_min: Tensor | float = 0.0,
+                      logvar_max: Tensor | float = 0.0) -> Tensor:
+    """Stack per-step coefficients (scalars or [steps] tensors) into [..., NUM_COEFFS] float32."""
+    values = [guidance_scale, a, s, c_x, c_x0, c_eps, c_noise, c_prev, logvar_min, logvar_max]
+    tensors = [torch.as_tensor(v, dtype=torch.float64) for v in values]
+    tensors = torch.broadcast_tensors(*tensors)
+    return torch.stack(tensors, dim=-1).to(torch.float32)
+
+
+def sampler_step_reference(x: Tensor, model_output: Tensor, coeffs: Tensor,
+                           noise: Tensor | None = None, prev: Tensor | None = None,
+                           prediction_type: int = PredictionType.EPS,
+                           learned_variance: bool = False) -> tuple[Tensor, Tensor]:
+    """Eager PyTorch version of the fused step; returns (x_next, denoised x0)."""
+    c = coeffs.to(device=x.device, dtype=torch.float32)
+    xf = x.float()
+    out = model_output.float()
+    batch = x.shape[0]
+    if out.shape[0] == 2 * batch:
+        uncond, cond = out[:batch], out[batch:]
+        guided = uncond + c[COEFF_GUIDANCE] * (cond - uncond)
+        if learned_variance:  # guidance acts on the mean; variance comes from the cond half
+            half = x.shape[1]
+            out = torch.cat([guided[:, :half], cond[:, half:]], dim=1)
+        else:
+            out = guided
+    elif out.shape[0] != batch:
+        raise ValueError(f"model_output batch {out.shape[0]} must be {batch} or {2 * batch}")
+    if learned_variance:
+        out, var_out = out.chunk(2, dim=1)
+    a, s = c[COEFF_A], c[COEFF_S]
+    if prediction_type == PredictionType.EPS:
+        eps = out
+        x0 = (xf - s * eps) / a
+    elif prediction_type == PredictionType.X0:
+        x0 = out
+        eps = (xf - a * x0) / s
+    elif prediction_type == PredictionType.V:
+        r = torch.sqrt(a * a + s * s)
+        alpha, sigma, xn = a / r, s / r, xf / r
+        x0 = alpha * xn - sigma * out
+        eps = sigma * xn + alpha * out
+    else:
+        raise ValueError(f"unknown prediction_type {prediction_type}")
+    x_next = c[COEFF_X] * xf + c[COEFF_X0] * x0 + c[COEFF_EPS] * eps
+    if prev is not None:
+        x_next = x_next + c[COEFF_PREV] * prev.float()
+    if noise is not None:
+        std = c[COEFF_NOISE]
+        if learned_variance:
+            frac = (var_out + 1) / 2
+            std = std * torch.exp(0.5 * (frac * c[COEFF_LOGVAR_MAX] + (1 - frac) * c[COEFF_LOGVAR_MIN]))
+        x_next = x_next + std * noise.float()
+    return x_next.to(x.dtype), x0.to(x.dtype)
+
+
+def sampler_step(x: Tensor, model_output: Tensor, coeffs: Tensor, noise: Tensor | None = None,
+                 prev: Tensor | None = None, prediction_type: int = PredictionType.EPS,
+                 learned_variance: bool = False) -> tuple[Tensor, Tensor]:
+    """Fused guided sampler step (see module docstring); returns (x_next, denoised x0)."""
+    # TODO(kernels): dispatch to torch.ops.ldm.sampler_step once the kernels land.
+    return sampler_step_reference(x, model_output, coeffs, noise, prev, int(prediction_type),
+                                  learned_variance)
