@@ -1,0 +1,188 @@
+"""Typed configuration: dataclasses are the truth, YAML mirrors them, unknown keys are errors.
+
+`from_dict(cls, data)` builds a (nested) dataclass strictly; `to_dict` is its inverse (it is
+what gets stored inside every checkpoint); `apply_overrides` takes `a.b=value` strings from
+the command line. SD's original inference YAMLs are translated in `ldm.checkpoint`/`sd_yaml`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config that does not match its dataclass (unknown key, wrong type, bad value)."""
+
+
+@dataclass
+class AutoencoderConfig:
+    """KL autoencoder (LDM's AutoencoderKL / SD's first stage)."""
+    ch: int = 128
+    ch_mult: list[int] = field(default_factory=lambda: [1, 2, 4, 4])
+    num_res_blocks: int = 2
+    attn_resolutions: list[int] = field(default_factory=list)
+    in_channels: int = 3
+    out_ch: int = 3
+    z_channels: int = 4
+    embed_dim: int = 4
+    resolution: int = 256
+    double_z: bool = True
+    dropout: float = 0.0
+
+
+@dataclass
+class UNetConfig:
+    """Cross-attention U-Net (SD's openaimodel.UNetModel)."""
+    in_channels: int = 4
+    out_channels: int = 4
+    model_channels: int = 320
+    channel_mult: list[int] = field(default_factory=lambda: [1, 2, 4, 4])
+    num_res_blocks: int = 2
+    attention_resolutions: list[int] = field(default_factory=lambda: [4, 2, 1])  # downsample factors
+    num_heads: int = 8
+    num_head_channels: int = -1
+    transformer_depth: int = 1
+    context_dim: int = 768
+    use_linear_in_transformer: bool = False
+    dropout: float = 0.0
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class TextEncoderConfig:
+    """Text tower: `open_clip` (SD 2.x, own models) or `hf_clip` (SD 1.x key layout)."""
+    kind: str = "open_clip"
+    arch: str = "ViT-H-14"                  # open_clip registry name (open_clip kind)
+    arch_config: dict[str, Any] | None = None  # open_clip model cfg or HF CLIPTextConfig fields
+    layer: str = "penultimate"              # "last" | "penultimate"
+    max_length: int = 77
+    trainable: bool = False
+
+
+@dataclass
+class DiffusionConfig:
+    """The forward process and what the network predicts (the U-Net never sees alphas)."""
+    num_timesteps: int = 1000
+    beta_schedule: str = "scaled_linear"    # "linear" | "scaled_linear" | "cosine"
+    linear_start: float = 0.00085
+    linear_end: float = 0.012
+    cosine_s: float = 0.008
+    zero_terminal_snr: bool = False
+    prediction_type: str = "eps"            # "eps" | "v" | "x0"
+    learned_variance: bool = False
+    scale_factor: float = 0.18215           # latent scale (own VAEs: 1/std of first batch)
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to rebuild a text-to-image model from a checkpoint alone."""
+    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+
+
+def _convert(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
+        return from_dict(tp, value, where)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(arg, value, where)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{where}: {value!r} does not fit {tp}")
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_convert(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def from_dict(cls: type[T], data: dict[str, Any], where: str = "config") -> T:
+    """Build dataclass `cls` from a mapping; unknown keys and wrong types raise ConfigError."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; "
+                          f"allowed: {', '.join(sorted(names))}")
+    kwargs = {k: _convert(hints[k], v, f"{where}.{k}") for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """Plain nested dict (YAML/JSON-serialisable) of a dataclass config."""
+    return dataclasses.asdict(config)
+
+
+def load_yaml(cls: type[T], path: str | Path, overrides: list[str] | None = None) -> T:
+    """Read a YAML mirror of `cls`, apply `a.b=value` overrides, validate strictly."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    data = apply_overrides(data, overrides or [])
+    return from_dict(cls, data, where=path.name)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b.c=value` strings (value parsed as YAML) to a nested dict copy."""
+    import copy
+    data = copy.deepcopy(data)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key.sub=value")
+        key, raw = item.split("=", 1)
+        node = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part} is not a mapping")
+        node[parts[-1]] = yaml.safe_load(raw)
+    return data
