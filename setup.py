@@ -57,7 +57,7 @@ def _extensions() -> list:
                  f"(CUDA_HOME={cuda_home}, torch.version.cuda={torch.version.cuda})")
 
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-    cxx = ["-O3", "-fopenmp", "-std=c++17", "-DNDEBUG"]
+    cxx = ["-O3", "-fopenmp", "-DNDEBUG"]  # torch >= 2.10 headers need C++20 (cpp_extension adds -std)
     if can_cuda:
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
             os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
@@ -65,8 +65,7 @@ def _extensions() -> list:
         ext = cpp_extension.CUDAExtension(
             "ldm._C", sources, include_dirs=[os.path.abspath("csrc")],
             extra_compile_args={"cxx": cxx + ["-DLDM_WITH_CUDA"],
-                                "nvcc": ["-O3", "-DLDM_WITH_CUDA", "--use_fast_math",
-                                         "-std=c++17"]},
+                                "nvcc": ["-O3", "-DLDM_WITH_CUDA", "--use_fast_math"]},
             extra_link_args=["-fopenmp"])
     else:
         ext = cpp_extension.CppExtension(
