@@ -15,10 +15,12 @@ from typing import Any, TypeVar
 
 import yaml
 
+from ldm.errors import LdmError
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(LdmError, ValueError):
     """A config that does not match its dataclass (unknown key, wrong type, bad value)."""
 
 

@@ -1,0 +1,130 @@
+"""Cross-attention U-Net; module nesting mirrors SD's openaimodel.UNetModel state-dict keys."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ldm.config import ConfigError, UNetConfig
+from ldm.models.attention import SpatialTransformer
+from ldm.models.layers import GroupNormSiLU, Upsample, timestep_embedding, zero_module
+
+UNET_NORM_EPS = 1e-5  # SD's GroupNorm32 default
+
+
+class ResBlock(nn.Module):
+    """Two norm-SiLU-conv stages with the timestep embedding added in between, plus a skip."""
+
+    def __init__(self, channels: int, emb_channels: int, out_channels: int,
+                 dropout: float = 0.0) -> None:
+        super().__init__()
+        # Index 1 of in_layers/out_layers is SD's separate SiLU, fused here into the norm;
+        # the Identity keeps the conv at SD's index (in_layers.2, out_layers.3).
+        self.in_layers = nn.Sequential(GroupNormSiLU(channels, eps=UNET_NORM_EPS), nn.Identity(),
+                                       nn.Conv2d(channels, out_channels, 3, padding=1))
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
+        self.out_layers = nn.Sequential(
+            GroupNormSiLU(out_channels, eps=UNET_NORM_EPS), nn.Identity(), nn.Dropout(dropout),
+            zero_module(nn.Conv2d(out_channels, out_channels, 3, padding=1)))
+        self.skip_connection = (nn.Identity() if channels == out_channels
+                                else nn.Conv2d(channels, out_channels, 1))
+
+    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+        h = self.in_layers(x)
+        h = h + self.emb_layers(emb).to(h.dtype)[:, :, None, None]
+        return self.skip_connection(x) + self.out_layers(h)
+
+
+class Downsample(nn.Module):
+    """Stride-2 3x3 convolution (key `op`)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.op(x)
+
+
+class TimestepSequential(nn.Sequential):
+    """A sequence whose members take (x), (x, emb) or (x, context) as their kind requires."""
+
+    def forward(self, x: Tensor, emb: Tensor, context: Tensor) -> Tensor:  # type: ignore[override]
+        for layer in self:
+            if isinstance(layer, ResBlock):
+                x = layer(x, emb)
+            elif isinstance(layer, SpatialTransformer):
+                x = layer(x, context)
+            else:
+                x = layer(x)
+        return x
+
+
+class UNetModel(nn.Module):
+    """eps/v/x0 predictor: forward(x [B,C,H,W], timesteps [B], context [B,L,D]) -> [B,C',H,W]."""
+
+    def __init__(self, config: UNetConfig) -> None:
+        super().__init__()
+        c = config
+        self.config = config
+        mc = c.model_channels
+        if c.num_heads == -1 and c.num_head_channels == -1:
+            raise ConfigError("unet: set num_heads or num_head_channels")
+        emb_dim = mc * 4
+        self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+
+        def transformer(ch: int) -> SpatialTransformer:
+            if c.num_head_channels == -1:
+                heads, dim_head = c.num_heads, ch // c.num_heads
+            else:
+                heads, dim_head = ch // c.num_head_channels, c.num_head_channels
+            return SpatialTransformer(ch, heads, dim_head, c.context_dim, c.transformer_depth,
+                                      c.use_linear_in_transformer, c.dropout,
+                                      c.gradient_checkpointing)
+
+        self.input_blocks = nn.ModuleList(
+            [TimestepSequential(nn.Conv2d(c.in_channels, mc, 3, padding=1))])
+        skip_channels = [mc]
+        ch, ds = mc, 1  # ds: downsampling factor of the current level
+        for level, mult in enumerate(c.channel_mult):
+            for _ in range(c.num_res_blocks):
+                layers: list[nn.Module] = [ResBlock(ch, emb_dim, mult * mc, c.dropout)]
+                ch = mult * mc
+                if ds in c.attention_resolutions:
+                    layers.append(transformer(ch))
+                self.input_blocks.append(TimestepSequential(*layers))
+                skip_channels.append(ch)
+            if level != len(c.channel_mult) - 1:
+                self.input_blocks.append(TimestepSequential(Downsample(ch)))
+                skip_channels.append(ch)
+                ds *= 2
+        self.middle_block = TimestepSequential(ResBlock(ch, emb_dim, ch, c.dropout), transformer(ch),
+                                               ResBlock(ch, emb_dim, ch, c.dropout))
+        self.output_blocks = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(c.channel_mult))):
+            for i in range(c.num_res_blocks + 1):
+                layers = [ResBlock(ch + skip_channels.pop(), emb_dim, mc * mult, c.dropout)]
+                ch = mc * mult
+                if ds in c.attention_resolutions:
+                    layers.append(transformer(ch))
+                if level and i == c.num_res_blocks:
+                    layers.append(Upsample(ch))
+                    ds //= 2
+                self.output_blocks.append(TimestepSequential(*layers))
+        # SD's out = [GroupNorm32, SiLU, conv]; index 1 kept so the conv stays at `out.2`.
+        self.out = nn.Sequential(GroupNormSiLU(ch, eps=UNET_NORM_EPS), nn.Identity(),
+                                 zero_module(nn.Conv2d(mc, c.out_channels, 3, padding=1)))
+
+    def forward(self, x: Tensor, timesteps: Tensor, context: Tensor) -> Tensor:
+        if timesteps.ndim == 0:
+            timesteps = timesteps.expand(x.shape[0])
+        dtype = self.out[2].weight.dtype
+        emb = self.time_embed(timestep_embedding(timesteps, self.config.model_channels).to(dtype))
+        h, context = x.to(dtype), context.to(dtype)
+        skips = []
+        for block in self.input_blocks:
+            h = block(h, emb, context)
+            skips.append(h)
+        h = self.middle_block(h, emb, context)
+        for block in self.output_blocks:
+            h = block(torch.cat([h, skips.pop()], dim=1), emb, context)
+        return self.out(h).to(x.dtype)
