@@ -1,0 +1,271 @@
+"""THE state-dict layout: reading/writing checkpoints and the SD key map.
+
+A full checkpoint is SD's LatentDiffusion state dict: each network under its prefix below,
+the 12 schedule buffers at the top level, optional EMA weights of the U-Net as
+`model_ema.<key without dots>` (LitEma's naming). Our files are safetensors with the
+ModelConfig as JSON in the metadata key "ldm_config", so a checkpoint rebuilds its model.
+Reading never executes code: safetensors, or torch.load(weights_only=True).
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ldm.config import AutoencoderConfig, ConfigError, ModelConfig, from_dict, to_dict
+from ldm.errors import CheckpointError
+
+# The prefix table (SD's attribute names; ours are autoencoder / unet / text_encoder).
+PREFIXES = {
+    "autoencoder": "first_stage_model.",
+    "unet": "model.diffusion_model.",
+    "text_encoder": "cond_stage_model.",
+}
+EMA_PREFIX = "model_ema."
+EMA_UNET_ROOT = "diffusion_model."  # LitEma names start from LatentDiffusion.model
+CONFIG_METADATA_KEY = "ldm_config"
+_SHOW = 5  # keys listed per kind of mismatch
+
+
+def ema_key(unet_key: str) -> str:
+    """Checkpoint key of the EMA copy of U-Net parameter `unet_key` (no prefix)."""
+    return EMA_PREFIX + (EMA_UNET_ROOT + unet_key).replace(".", "")
+
+
+# ---------------------------------------------------------------- files
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Tensors and string metadata of a .safetensors or .ckpt/.pt file (never runs code)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    with open(path, "rb") as f:
+        magic = f.read(2)
+    if magic == b"PK" or magic[:1] == b"\x80":  # torch zip archive / legacy pickle
+        return _read_torch(path), {}
+    return _read_safetensors(path)
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as err:  # SafetensorError has no stable import path across versions
+        raise CheckpointError(f"cannot read checkpoint {path}: not a complete safetensors or "
+                              f"torch file ({str(err).splitlines()[0][:120]})") from None
+    return tensors, metadata
+
+
+def _read_torch(path: Path) -> dict[str, Tensor]:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"GLOBAL ([\w.]+(?: [\w.]+)?)", str(err))
+        what = f" (it references {found.group(1)})" if found else ""
+        raise CheckpointError(
+            f"refusing to load {path}: unpickling it would run code{what}; only plain tensor "
+            "checkpoints are accepted (convert it to .safetensors with a tool you trust)") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as err:
+        raise CheckpointError(f"cannot read checkpoint {path}: file is truncated or corrupt "
+                              f"({str(err).splitlines()[0][:120]})") from None
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]  # Lightning-style {"state_dict": ..., "global_step": ...}
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a state dict, found {type(obj).__name__}")
+    tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, Tensor)}
+    if not tensors:
+        raise CheckpointError(f"{path}: holds no tensors")
+    return tensors
+
+
+def write_checkpoint(path: str | Path, tensors: dict[str, Tensor],
+                     metadata: dict[str, str] | None = None) -> None:
+    """Write a safetensors file atomically (temp file in the same folder, then os.replace)."""
+    from safetensors.torch import save_file
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    out: dict[str, Tensor] = {}
+    seen: set[int] = set()
+    for key, value in tensors.items():
+        value = value.detach().to("cpu").contiguous()
+        ptr = value.untyped_storage().data_ptr()
+        if ptr in seen and value.numel():  # safetensors refuses tensors that share memory
+            value = value.clone()
+        seen.add(value.untyped_storage().data_ptr())
+        out[key] = value
+    bad = {k: type(v).__name__ for k, v in (metadata or {}).items() if not isinstance(v, str)}
+    if bad:
+        raise CheckpointError(f"checkpoint metadata values must be strings: {bad}")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(out, tmp, metadata=dict(metadata or {}))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# ---------------------------------------------------------------- config in metadata
+
+
+def config_metadata(config: ModelConfig | AutoencoderConfig) -> dict[str, str]:
+    """Metadata entry storing a config (a stage-1 file stores {"autoencoder": ...} only)."""
+    data = {"autoencoder": to_dict(config)} if isinstance(config, AutoencoderConfig) else to_dict(config)
+    return {CONFIG_METADATA_KEY: json.dumps(data, sort_keys=True)}
+
+
+def _config_json(metadata: dict[str, str]) -> dict[str, Any] | None:
+    raw = metadata.get(CONFIG_METADATA_KEY)
+    if raw is None:
+        return None
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError:
+        raise CheckpointError(f"checkpoint metadata {CONFIG_METADATA_KEY!r} is not JSON") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"checkpoint metadata {CONFIG_METADATA_KEY!r} is not a mapping")
+    return data
+
+
+def config_from_metadata(metadata: dict[str, str]) -> ModelConfig | None:
+    """The ModelConfig stored in a full checkpoint, or None."""
+    data = _config_json(metadata)
+    if data is None or set(data) == {"autoencoder"}:
+        return None
+    return from_dict(ModelConfig, data, where="checkpoint ldm_config")
+
+
+# ---------------------------------------------------------------- layout
+
+
+def detect_family(tensors: dict[str, Tensor]) -> str | None:
+    """'sd1' (HF CLIP text encoder keys), 'sd2' (OpenCLIP keys) or None."""
+    if any(k.startswith("cond_stage_model.transformer.text_model.") for k in tensors):
+        return "sd1"
+    if any(k.startswith("cond_stage_model.model.") for k in tensors):
+        return "sd2"
+    return None
+
+
+def family_hint(tensors: dict[str, Tensor], config: ModelConfig | None) -> str:
+    """A hint naming the right config when the checkpoint's family differs from the config's."""
+    family = detect_family(tensors)
+    ours = None if config is None else {"hf_clip": "sd1", "open_clip": "sd2"}.get(config.text_encoder.kind)
+    if family and family != ours:
+        name = {"sd1": "SD 1.x", "sd2": "SD 2.x"}[family]
+        return f"; this looks like an {name} checkpoint: use an {name} config (configs/{family}.yaml)"
+    return ""
+
+
+def collect_state_dict(autoencoder: nn.Module | None = None, unet: nn.Module | None = None,
+                       text_encoder: nn.Module | None = None,
+                       schedule_buffers: dict[str, Tensor] | None = None,
+                       ema_unet: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+    """The full checkpoint dict in SD's layout from whichever parts are given."""
+    out: dict[str, Tensor] = {}
+    for name, module in (("autoencoder", autoencoder), ("unet", unet), ("text_encoder", text_encoder)):
+        if module is not None:
+            out.update({PREFIXES[name] + k: v for k, v in module.state_dict().items()})
+    out.update(schedule_buffers or {})
+    out.update({ema_key(k): v for k, v in (ema_unet or {}).items()})
+    return out
+
+
+def part(tensors: dict[str, Tensor], name: str) -> dict[str, Tensor]:
+    """The sub-dict of one network ('autoencoder', 'unet', 'text_encoder'), prefix removed."""
+    prefix = PREFIXES[name]
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def ema_unet_weights(tensors: dict[str, Tensor], unet: nn.Module) -> dict[str, Tensor]:
+    """The U-Net state dict with parameters replaced by their EMA copies."""
+    if not any(k.startswith(EMA_PREFIX) for k in tensors):
+        raise CheckpointError("use_ema was requested but the checkpoint holds no EMA weights "
+                              f"({EMA_PREFIX}* keys)")
+    out = part(tensors, "unet")
+    missing = []
+    for name, _ in unet.named_parameters():
+        key = ema_key(name)
+        if key in tensors:
+            out[name] = tensors[key]
+        else:
+            missing.append(key)
+    if missing:
+        raise CheckpointError(f"EMA weights incomplete: {len(missing)} missing, e.g. "
+                              f"{', '.join(missing[:_SHOW])}")
+    return out
+
+
+def mismatch_report(module: nn.Module, tensors: dict[str, Tensor], prefix: str = "") -> list[str]:
+    """Human-readable missing / unexpected / mis-shaped key lists (empty when they match)."""
+    expected = module.state_dict()
+    missing = [prefix + k for k in expected if k not in tensors]
+    unexpected = [prefix + k for k in tensors if k not in expected]
+    shapes = [f"{prefix}{k} {list(v.shape)} (model wants {list(expected[k].shape)})"
+              for k, v in tensors.items() if k in expected and v.shape != expected[k].shape]
+    return [format_keys(label, items) for label, items in
+            (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shapes)) if items]
+
+
+def format_keys(label: str, items: list[str]) -> str:
+    """Error-message listing: count, the first few keys, how many more."""
+    more = f", ... ({len(items) - _SHOW} more)" if len(items) > _SHOW else ""
+    return f"{len(items)} {label} key(s): {', '.join(items[:_SHOW])}{more}"
+
+
+def load_strict(module: nn.Module, tensors: dict[str, Tensor], what: str, hint: str = "") -> None:
+    """load_state_dict(assign=True) after checking keys and shapes; one clear error otherwise."""
+    problems = mismatch_report(module, tensors)
+    if problems:
+        raise CheckpointError(f"{what} does not match the config: {'; '.join(problems)}{hint}")
+    module.load_state_dict(tensors, strict=True, assign=True)
+
+
+def check_no_meta(module: nn.Module, what: str) -> None:
+    """Fail if any tensor was left unloaded on the meta device."""
+    left = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
+    if left:
+        raise CheckpointError(f"{what}: {format_keys('unloaded', left)}")
+
+
+# ---------------------------------------------------------------- stage-1 autoencoder
+
+
+def load_autoencoder(path: str | Path, config: AutoencoderConfig | None = None,
+                     device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                     ) -> tuple[nn.Module, AutoencoderConfig, dict[str, str]]:
+    """AutoencoderKL from a stage-1 file, a full checkpoint or a bare SD VAE file."""
+    from ldm.models.autoencoder import AutoencoderKL
+    tensors, metadata = read_checkpoint(path)
+    if config is None:
+        data = _config_json(metadata)
+        if data is not None and "autoencoder" in data:
+            config = from_dict(AutoencoderConfig, data["autoencoder"], where="checkpoint ldm_config.autoencoder")
+        else:
+            config = AutoencoderConfig()  # SD's VAE (f=8, 4 latent channels)
+    weights = part(tensors, "autoencoder")
+    if not weights:  # bare VAE files (e.g. SD's vae-ft-*.ckpt) have no prefix
+        weights = {k: v for k, v in tensors.items() if k.split(".")[0] in
+                   ("encoder", "decoder", "quant_conv", "post_quant_conv")}
+    if not weights:
+        raise CheckpointError(f"{path}: no autoencoder weights ({PREFIXES['autoencoder']}* keys)")
+    try:
+        with torch.device("meta"):
+            model = AutoencoderKL(config)
+    except (ValueError, ConfigError) as err:
+        raise CheckpointError(f"{path}: bad autoencoder config ({err})") from None
+    load_strict(model, weights, f"autoencoder in {path}")
+    check_no_meta(model, str(path))
+    return model.to(device=device, dtype=dtype).eval(), config, metadata

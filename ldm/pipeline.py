@@ -1,0 +1,212 @@
+"""Pipeline: the only object holding the autoencoder, U-Net and text encoder together."""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ldm import checkpoint as ckpt
+from ldm.config import ConfigError, ModelConfig, load_yaml
+from ldm.errors import CheckpointError, LdmError
+
+_POSITION_IDS = "transformer.text_model.embeddings.position_ids"
+
+
+def resolve_config(config: ModelConfig | str | Path | None,
+                   tensors: dict[str, Tensor] | None = None,
+                   metadata: dict[str, str] | None = None) -> ModelConfig:
+    """A ModelConfig from: itself, our YAML, an SD inference YAML, a preset name, the
+    checkpoint's stored config, or (last resort) the SD family detected from its keys."""
+    from ldm.presets import PRESETS
+    from ldm.sd_yaml import is_sd_yaml, load_sd_yaml
+    if isinstance(config, ModelConfig):
+        return config
+    if config is not None:
+        path = Path(config)
+        if not path.is_file():
+            if str(config) in PRESETS:
+                return PRESETS[str(config)]()
+            raise ConfigError(f"config not found: {config} (a YAML file or one of {sorted(PRESETS)})")
+        import yaml
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+        return load_sd_yaml(path) if is_sd_yaml(data) else load_yaml(ModelConfig, path)
+    stored = ckpt.config_from_metadata(metadata or {})
+    if stored is not None:
+        return stored
+    family = ckpt.detect_family(tensors or {})
+    if family == "sd1":
+        return PRESETS["sd1"]()
+    if family == "sd2":
+        warnings.warn("no config given: assuming SD 2.x with eps prediction "
+                      "(for 768-v checkpoints pass config='configs/sd2-v.yaml')", stacklevel=3)
+        return PRESETS["sd2"]()
+    raise CheckpointError("the checkpoint stores no config and its keys are not SD 1.x/2.x; "
+                          "pass config= (our YAML or the SD inference YAML)")
+
+
+def build_networks(config: ModelConfig) -> tuple[nn.Module, nn.Module, nn.Module]:
+    """(autoencoder, unet, text_encoder) with fresh weights on the current default device."""
+    from ldm.models.autoencoder import AutoencoderKL
+    from ldm.models.text_encoder import build_text_encoder, context_dim
+    from ldm.models.unet import UNetModel
+    width = context_dim(config.text_encoder)
+    if width not in (-1, config.unet.context_dim):
+        raise ConfigError(f"unet.context_dim {config.unet.context_dim} must equal the text "
+                          f"encoder's width {width}")
+    if config.unet.in_channels != config.autoencoder.embed_dim:
+        raise ConfigError(f"unet.in_channels {config.unet.in_channels} must equal "
+                          f"autoencoder.embed_dim {config.autoencoder.embed_dim}")
+    try:
+        return AutoencoderKL(config.autoencoder), UNetModel(config.unet), build_text_encoder(config.text_encoder)
+    except ValueError as err:
+        raise ConfigError(f"invalid model config: {err}") from None
+
+
+class Pipeline:
+    """VAE + U-Net + text encoder + schedule + config, on one device and dtype."""
+
+    def __init__(self, autoencoder: nn.Module, unet: nn.Module, text_encoder: nn.Module,
+                 config: ModelConfig, device: str | torch.device = "cpu",
+                 dtype: torch.dtype = torch.float32) -> None:
+        from ldm.diffusion.schedule import make_schedule
+        self.config = config
+        self.device, self.dtype = torch.device(device), dtype
+        self.autoencoder = autoencoder.to(device=self.device, dtype=dtype)
+        self.unet = unet.to(device=self.device, dtype=dtype)
+        self.text_encoder = text_encoder.to(device=self.device, dtype=dtype)
+        self.schedule = make_schedule(config.diffusion)
+
+    @classmethod
+    def from_config(cls, config: ModelConfig | str | Path, device: str | torch.device = "cpu",
+                    dtype: torch.dtype = torch.float32, seed: int = 0) -> "Pipeline":
+        """Fresh random weights (deterministic in `seed`; the global RNG is left untouched)."""
+        config = resolve_config(config)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            networks = build_networks(config)
+        return cls(*networks, config=config, device=device, dtype=dtype)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, config: ModelConfig | str | Path | None = None,
+                        device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                        use_ema: bool = False) -> "Pipeline":
+        """Load strictly from a .safetensors/.ckpt (ours or SD's)."""
+        tensors, metadata = ckpt.read_checkpoint(path)
+        config = resolve_config(config, tensors, metadata)
+        with torch.device("meta"):  # no random init: every tensor comes from the file
+            autoencoder, unet, text_encoder = build_networks(config)
+        weights = {name: ckpt.part(tensors, name) for name in ckpt.PREFIXES}
+        if use_ema:
+            weights["unet"] = ckpt.ema_unet_weights(tensors, unet)
+        if config.text_encoder.kind == "hf_clip" and _POSITION_IDS not in weights["text_encoder"]:
+            # transformers >= 4.31 stopped saving this constant buffer
+            n = config.text_encoder.max_length
+            weights["text_encoder"][_POSITION_IDS] = torch.arange(n)[None]
+        modules = {"autoencoder": autoencoder, "unet": unet, "text_encoder": text_encoder}
+        problems = [p for name, module in modules.items()
+                    for p in ckpt.mismatch_report(module, weights[name], ckpt.PREFIXES[name])]
+        problems += _unexpected_top_level(tensors)
+        if problems:
+            raise CheckpointError(f"{path} does not match the config: {'; '.join(problems)}"
+                                  f"{ckpt.family_hint(tensors, config)}")
+        for name, module in modules.items():
+            ckpt.load_strict(module, weights[name], name)
+            ckpt.check_no_meta(module, name)
+        if not config.text_encoder.trainable:
+            text_encoder.requires_grad_(False)
+        pipe = cls(autoencoder.eval(), unet.eval(), text_encoder.eval(), config, device, dtype)
+        pipe.check_schedule_buffers(tensors, str(path))
+        return pipe
+
+    def check_schedule_buffers(self, tensors: dict[str, Tensor], where: str) -> None:
+        """The checkpoint's schedule buffers (when present) must be those of config.diffusion."""
+        from ldm.diffusion.schedule import sd_buffers
+        for name, ours in sd_buffers(self.schedule, torch.float64).items():
+            if name not in tensors:
+                continue
+            theirs = tensors[name].double()
+            if theirs.shape != ours.shape or \
+                    (theirs - ours).abs().max() > 1e-4 * ours.abs().max():
+                raise CheckpointError(f"{where}: schedule buffer {name!r} differs from the one "
+                                      "config.diffusion gives (timesteps/beta schedule mismatch)")
+
+    # ------------------------------------------------------------ the networks' faces
+
+    def encode_prompt(self, prompts: list[str]) -> Tensor:
+        """Prompts -> text context [B, 77, D] (truncates over-long prompts with a warning)."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if not prompts:
+            raise LdmError("encode_prompt needs at least one prompt (use \"\" for unconditional)")
+        return self.text_encoder.encode(list(prompts)).to(self.dtype)
+
+    def encode_image(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """Images [B, 3, H, W] in [-1, 1] -> posterior (mean, logvar) of unscaled latents."""
+        factor = self.autoencoder.downsampling_factor
+        if images.ndim != 4 or images.shape[1] != self.config.autoencoder.in_channels:
+            raise LdmError(f"images must be [B, {self.config.autoencoder.in_channels}, H, W], "
+                           f"got {list(images.shape)}")
+        if images.shape[2] % factor or images.shape[3] % factor:
+            raise LdmError(f"image size {images.shape[2]}x{images.shape[3]} must be a multiple of "
+                           f"the autoencoder's factor {factor}")
+        posterior = self.autoencoder.encode(images.to(self.device, self.dtype))
+        return posterior.mean, posterior.logvar
+
+    def decode_latents(self, z: Tensor) -> Tensor:
+        """Scaled latents -> raw decoder output (divides by the scale factor; no clamping)."""
+        z = z.to(self.device, self.dtype) / self.config.diffusion.scale_factor
+        return self.autoencoder.decode(z)
+
+    @property
+    def latent_channels(self) -> int:
+        """Channels of the latent the U-Net denoises."""
+        return self.config.unet.in_channels
+
+    @property
+    def downsampling_factor(self) -> int:
+        """Image size / latent size."""
+        return self.autoencoder.downsampling_factor
+
+    def sample(self, *args: Any, **kwargs: Any) -> Any:
+        """See ldm.generate.sample."""
+        from ldm import generate
+        return generate.sample(self, *args, **kwargs)
+
+    def txt2img(self, *args: Any, **kwargs: Any) -> Any:
+        """See ldm.generate.txt2img."""
+        from ldm import generate
+        return generate.txt2img(self, *args, **kwargs)
+
+    # ------------------------------------------------------------ saving
+
+    def state_dict(self, ema_unet: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+        """The full checkpoint dict in SD's layout, schedule buffers included."""
+        from ldm.diffusion.schedule import sd_buffers
+        return ckpt.collect_state_dict(self.autoencoder, self.unet, self.text_encoder,
+                                       sd_buffers(self.schedule), ema_unet)
+
+    def save(self, path: str | Path, ema_unet: dict[str, Tensor] | None = None,
+             metadata: dict[str, str] | None = None) -> None:
+        """Atomic safetensors checkpoint carrying the config (rebuildable from the file alone)."""
+        ckpt.write_checkpoint(path, self.state_dict(ema_unet),
+                              {**(metadata or {}), **ckpt.config_metadata(self.config)})
+
+
+def _unexpected_top_level(tensors: dict[str, Tensor]) -> list[str]:
+    from ldm.diffusion.schedule import SD_BUFFER_NAMES
+    allowed = tuple(ckpt.PREFIXES.values()) + (ckpt.EMA_PREFIX,)
+    extra = [k for k in tensors if not k.startswith(allowed) and k not in SD_BUFFER_NAMES]
+    return [ckpt.format_keys("unexpected", extra)] if extra else []
+
+
+def load_pipeline(checkpoint: str | Path, config: ModelConfig | str | Path | None = None,
+                  device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                  use_ema: bool = False) -> Pipeline:
+    """Load a Pipeline from a checkpoint (config: ModelConfig, our YAML, SD YAML, or stored)."""
+    return Pipeline.from_checkpoint(checkpoint, config, device, dtype, use_ema)

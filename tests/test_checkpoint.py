@@ -1,0 +1,188 @@
+"""Checkpoint layout: write/read, config in metadata, strict loading, errors, EMA, stage-1 files."""
+import os
+import pickle
+
+import pytest
+import torch
+
+import ldm
+from ldm import checkpoint as ckpt
+from ldm.config import AutoencoderConfig, ModelConfig, TextEncoderConfig, UNetConfig
+from ldm.errors import CheckpointError, LdmError
+from ldm.pipeline import Pipeline
+
+TINY_TEXT = {"vocab_size": 49408, "hidden_size": 32, "intermediate_size": 64,
+             "num_hidden_layers": 2, "num_attention_heads": 2, "max_position_embeddings": 77}
+
+
+def tiny_config() -> ModelConfig:
+    return ModelConfig(
+        autoencoder=AutoencoderConfig(ch=32, ch_mult=[1, 2], num_res_blocks=1, resolution=32),
+        unet=UNetConfig(model_channels=32, channel_mult=[1, 2], num_res_blocks=1,
+                        attention_resolutions=[2], num_heads=2, context_dim=32),
+        text_encoder=TextEncoderConfig(kind="hf_clip", arch="tiny", arch_config=TINY_TEXT,
+                                       layer="last"))
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    pipe = Pipeline.from_config(tiny_config(), seed=3)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # undo SD's zero-init of output convs so outputs are non-trivial
+        for p in pipe.unet.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=gen))
+    path = tmp_path_factory.mktemp("ck") / "tiny.safetensors"
+    pipe.save(path)
+    return pipe, path
+
+
+def test_from_config_is_seeded_and_leaves_global_rng():
+    state = torch.random.get_rng_state()
+    a = Pipeline.from_config(tiny_config(), seed=1).state_dict()
+    b = Pipeline.from_config(tiny_config(), seed=1).state_dict()
+    c = Pipeline.from_config(tiny_config(), seed=2).state_dict()
+    assert torch.equal(torch.random.get_rng_state(), state)
+    key = "model.diffusion_model.input_blocks.0.0.weight"
+    assert torch.equal(a[key], b[key]) and not torch.equal(a[key], c[key])
+
+
+def test_roundtrip_rebuilds_from_file_alone(saved):
+    pipe, path = saved
+    tensors, metadata = ckpt.read_checkpoint(path)
+    assert set(tensors) == set(pipe.state_dict())
+    assert ckpt.config_from_metadata(metadata) == pipe.config
+    loaded = ldm.load_pipeline(path)
+    x, t, c = torch.randn(1, 4, 8, 8), torch.tensor([5]), torch.randn(1, 77, 32)
+    out = pipe.unet(x, t, c)
+    assert out.abs().max() > 0
+    torch.testing.assert_close(loaded.unet(x, t, c), out)  # bitwise not guaranteed (conv algos)
+    torch.testing.assert_close(loaded.encode_prompt(["a dog"]), pipe.encode_prompt(["a dog"]))
+    assert not any(p.requires_grad for p in loaded.text_encoder.parameters())
+    assert not list(path.parent.glob(".*.tmp"))  # atomic write leaves no temp file
+
+
+def test_ckpt_nested_and_flat(saved, tmp_path):
+    pipe, path = saved
+    tensors, _ = ckpt.read_checkpoint(path)
+    for name, obj in (("nested.ckpt", {"state_dict": tensors, "global_step": 5}),
+                      ("flat.pt", tensors)):
+        torch.save(obj, tmp_path / name)
+        loaded = ldm.load_pipeline(tmp_path / name, config=pipe.config)
+        z = torch.randn(1, 4, 16, 16)
+        torch.testing.assert_close(loaded.decode_latents(z), pipe.decode_latents(z))
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("touch /tmp/ldm_pwned_marker",))
+
+
+def test_malicious_pickle_refused_without_running(tmp_path):
+    marker = "/tmp/ldm_pwned_marker"
+    if os.path.exists(marker):
+        os.remove(marker)
+    path = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {"x": torch.zeros(1)}, "payload": _Evil()}, path)
+    with pytest.raises(CheckpointError, match="refusing to load .*run code"):
+        ckpt.read_checkpoint(path)
+    assert not os.path.exists(marker)
+    legacy = tmp_path / "evil_legacy.ckpt"
+    legacy.write_bytes(pickle.dumps(_Evil(), protocol=2))
+    with pytest.raises(CheckpointError, match="refusing to load"):
+        ckpt.read_checkpoint(legacy)
+    assert not os.path.exists(marker)
+
+
+def test_truncated_files(saved, tmp_path):
+    _, path = saved
+    data = path.read_bytes()
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="cannot read checkpoint"):
+        ckpt.read_checkpoint(cut)
+    tensors, _ = ckpt.read_checkpoint(path)
+    torch.save(tensors, tmp_path / "whole.ckpt")
+    raw = (tmp_path / "whole.ckpt").read_bytes()
+    (tmp_path / "cut.ckpt").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        ckpt.read_checkpoint(tmp_path / "cut.ckpt")
+    with pytest.raises(CheckpointError, match="not found"):
+        ckpt.read_checkpoint(tmp_path / "nope.safetensors")
+
+
+def test_mismatch_lists_keys_with_counts(saved, tmp_path):
+    pipe, path = saved
+    tensors, metadata = ckpt.read_checkpoint(path)
+    del tensors["model.diffusion_model.out.2.weight"]
+    tensors["model.diffusion_model.extra.weight"] = torch.zeros(1)
+    tensors["first_stage_model.quant_conv.bias"] = torch.zeros(3)
+    bad = tmp_path / "bad.safetensors"
+    ckpt.write_checkpoint(bad, tensors, metadata)
+    with pytest.raises(CheckpointError) as err:
+        ldm.load_pipeline(bad)
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert "1 missing key(s): model.diffusion_model.out.2.weight" in msg
+    assert "1 unexpected key(s): model.diffusion_model.extra.weight" in msg
+    assert "first_stage_model.quant_conv.bias [3] (model wants [8])" in msg
+
+
+def test_family_hint_when_config_is_wrong_family(saved):
+    pipe, path = saved  # hf_clip text encoder = SD 1.x layout
+    other = tiny_config()
+    other.text_encoder = TextEncoderConfig(kind="open_clip", arch="x", arch_config={
+        "embed_dim": 32, "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32,
+                                      "heads": 2, "layers": 1}})
+    with pytest.raises(CheckpointError, match="looks like an SD 1.x checkpoint: use an SD 1.x"):
+        ldm.load_pipeline(path, config=other)
+
+
+def test_ema_weights(saved, tmp_path):
+    pipe, path = saved
+    ema = {k: torch.full_like(v, 0.5) for k, v in pipe.unet.named_parameters()}
+    ema_path = tmp_path / "ema.safetensors"
+    pipe.save(ema_path, ema_unet=ema)
+    tensors, _ = ckpt.read_checkpoint(ema_path)
+    assert "model_ema.diffusion_modelinput_blocks00weight" in tensors  # SD's LitEma naming
+    plain = ldm.load_pipeline(ema_path)
+    assert torch.equal(plain.unet.out[2].bias, pipe.unet.out[2].bias)
+    with_ema = ldm.load_pipeline(ema_path, use_ema=True)
+    assert with_ema.unet.out[2].bias.eq(0.5).all()
+    with pytest.raises(CheckpointError, match="no EMA weights"):
+        ldm.load_pipeline(path, use_ema=True)
+
+
+def test_schedule_buffer_mismatch(saved, tmp_path):
+    pipe, path = saved
+    tensors, metadata = ckpt.read_checkpoint(path)
+    cfg = tiny_config()
+    cfg.diffusion.beta_schedule = "linear"
+    with pytest.raises(CheckpointError, match="schedule buffer 'betas'"):
+        ldm.load_pipeline(path, config=cfg)
+
+
+def test_load_autoencoder_stage1_and_full(saved, tmp_path):
+    pipe, path = saved
+    stage1 = tmp_path / "vae.safetensors"
+    weights = ckpt.collect_state_dict(autoencoder=pipe.autoencoder)
+    ckpt.write_checkpoint(stage1, weights, ckpt.config_metadata(pipe.config.autoencoder))
+    for file in (stage1, path):
+        vae, cfg, meta = ckpt.load_autoencoder(file)
+        assert cfg == pipe.config.autoencoder and "ldm_config" in meta
+        x = torch.randn(1, 3, 32, 32)
+        torch.testing.assert_close(vae.encode(x).mean, pipe.autoencoder.encode(x).mean)
+
+
+def test_unknown_config_key_one_clear_error(tmp_path):
+    from ldm.config import ConfigError
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("unet:\n  model_channel: 32\n")
+    with pytest.raises(ConfigError, match="unknown key.*model_channel") as err:
+        Pipeline.from_config(bad)
+    assert isinstance(err.value, LdmError) and "\n" not in str(err.value)
+
+
+def test_write_checkpoint_rejects_non_string_metadata(tmp_path):
+    with pytest.raises(CheckpointError, match="strings"):
+        ckpt.write_checkpoint(tmp_path / "x.safetensors", {"a": torch.zeros(1)}, {"n": 3})
+    assert not list(tmp_path.iterdir())
