@@ -4,6 +4,8 @@ from __future__ import annotations
 import functools
 import warnings
 
+import torch
+
 
 @functools.cache
 def has_extension() -> bool:
@@ -15,3 +17,12 @@ def has_extension() -> bool:
                       "Build it with: pip install --no-build-isolation -e .", stacklevel=2)
         return False
     return True
+
+
+@functools.cache
+def has_kernel(op: str, device_type: str) -> bool:
+    """True when torch.ops.ldm.<op> has a kernel for this device type (e.g. no CUDA in a CPU build)."""
+    if not has_extension():
+        return False
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
+    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"ldm::{op}", key)

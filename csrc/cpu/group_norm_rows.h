@@ -1,0 +1,187 @@
+// Inner loops of the CPU GroupNorm(+SiLU) kernels over one run of values.
+//
+// A run is either HW values of one channel (NCHW: parameters are uniform over the run) or
+// one row of C channels (channels_last: parameters vary per channel). `Uniform` and
+// `PerChannel` hide that difference so each loop is written once. Values are processed in
+// fp32 vector lanes with a scalar tail; fp64 runs take the scalar loop only.
+#pragma once
+
+#include "cpu/vec_helpers.h"
+#include "math.h"
+
+#include <algorithm>
+
+namespace ldm::cpu {
+
+// A parameter that is the same for every value of the run.
+template <typename acc_t>
+struct Uniform {
+  acc_t value;
+  Vec vec(int64_t) const { return Vec(static_cast<float>(value)); }
+  acc_t at(int64_t) const { return value; }
+};
+
+// A parameter indexed by the position in the run (the channel of a channels_last row).
+template <typename acc_t>
+struct PerChannel {
+  const acc_t* values;
+  Vec vec(int64_t i) const {
+    if constexpr (std::is_same_v<acc_t, float>) return Vec::loadu(values + i);
+    else return Vec(0.0f);  // unreachable: fp64 has no vector path
+  }
+  acc_t at(int64_t i) const { return values[i]; }
+};
+
+// Sum of one run into a single accumulator (NCHW: one channel).
+template <typename acc_t>
+struct UniformSum {
+  Vec lanes{0.0f};
+  acc_t tail = 0;
+  void add(int64_t, const Vec& v) { lanes = lanes + v; }
+  void add(int64_t, acc_t v) { tail += v; }
+  acc_t total() const { return static_cast<acc_t>(reduce_lanes(lanes)) + tail; }
+};
+
+// Per-position sums (channels_last: one accumulator per channel, added row by row).
+template <typename acc_t>
+struct PerChannelSum {
+  acc_t* sums;
+  void add(int64_t i, const Vec& v) {
+    if constexpr (std::is_same_v<acc_t, float>) (Vec::loadu(sums + i) + v).store(sums + i);
+  }
+  void add(int64_t i, acc_t v) { sums[i] += v; }
+};
+
+// Moments of n contiguous values: exact two-pass moments per L1-sized chunk, Chan-merged.
+template <typename T, typename acc_t = acc_type<T>>
+Moments<acc_t> contiguous_moments(const T* x, int64_t n) {
+  constexpr int64_t kChunk = 2048;
+  Moments<acc_t> total{0, 0, 0};
+  for (int64_t start = 0; start < n; start += kChunk) {
+    const int64_t len = std::min(kChunk, n - start);
+    const T* p = x + start;
+    UniformSum<acc_t> sum;
+    int64_t i = 0;
+    if constexpr (kHasVecPath<T>) {
+      for (; i + kLanes <= len; i += kLanes) sum.add(i, load_lanes(p + i));
+    }
+    for (; i < len; ++i) sum.add(i, static_cast<acc_t>(p[i]));
+    const acc_t mean = sum.total() / static_cast<acc_t>(len);
+    UniformSum<acc_t> sq;
+    i = 0;
+    if constexpr (kHasVecPath<T>) {
+      const Vec vmean(static_cast<float>(mean));
+      for (; i + kLanes <= len; i += kLanes) {
+        const Vec d = load_lanes(p + i) - vmean;
+        sq.add(i, d * d);
+      }
+    }
+    for (; i < len; ++i) {
+      const acc_t d = static_cast<acc_t>(p[i]) - mean;
+      sq.add(i, d * d);
+    }
+    total = chan_merge(total, Moments<acc_t>{static_cast<acc_t>(len), mean, sq.total()});
+  }
+  return total;
+}
+
+// Sums of values (kSquares = false) or of squared deviations from `center` over rows of a
+// channels_last tile, per channel: sums[c] += sum_r f(x[r, c]).
+template <bool kSquares, typename T, typename acc_t = acc_type<T>>
+void tile_channel_sums(const T* x, int64_t rows, int64_t C, const acc_t* center, acc_t* sums) {
+  PerChannelSum<acc_t> acc{sums};
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* row = x + r * C;
+    int64_t c = 0;
+    if constexpr (kHasVecPath<T>) {
+      for (; c + kLanes <= C; c += kLanes) {
+        Vec v = load_lanes(row + c);
+        if constexpr (kSquares) {
+          v = v - Vec::loadu(center + c);
+          v = v * v;
+        }
+        acc.add(c, v);
+      }
+    }
+    for (; c < C; ++c) {
+      acc_t v = static_cast<acc_t>(row[c]);
+      if constexpr (kSquares) v = (v - center[c]) * (v - center[c]);
+      acc.add(c, v);
+    }
+  }
+}
+
+// y = [silu](x * scale + shift) over n values.
+template <bool kSilu, typename T, typename P, typename acc_t = acc_type<T>>
+void apply_run(const T* x, T* y, int64_t n, const P& scale, const P& shift) {
+  int64_t i = 0;
+  if constexpr (kHasVecPath<T>) {
+    for (; i + kLanes <= n; i += kLanes) {
+      Vec z = at::vec::fmadd(load_lanes(x + i), scale.vec(i), shift.vec(i));
+      if constexpr (kSilu) z = silu_from_sigmoid(z, sigmoid(z));
+      store_lanes(y + i, z);
+    }
+  }
+  for (; i < n; ++i) {
+    acc_t z = static_cast<acc_t>(x[i]) * scale.at(i) + shift.at(i);
+    if constexpr (kSilu) z = silu_from_sigmoid(z, sigmoid(z));
+    y[i] = static_cast<T>(z);
+  }
+}
+
+// dz = dy * silu'(z) (or dy), with z = (x - center) * scale + shift; returns it with xc.
+template <bool kSilu>
+inline Vec upstream_grad(const Vec& dy, const Vec& xc, const Vec& scale, const Vec& shift) {
+  if constexpr (!kSilu) return dy;
+  const Vec z = at::vec::fmadd(xc, scale, shift);
+  return dy * silu_grad_from_sigmoid(z, sigmoid(z), Vec(1.0f));
+}
+
+template <bool kSilu, typename acc_t>
+inline acc_t upstream_grad(acc_t dy, acc_t xc, acc_t scale, acc_t shift) {
+  if constexpr (!kSilu) return dy;
+  const acc_t z = xc * scale + shift;
+  return dy * silu_grad_from_sigmoid(z, sigmoid(z), acc_t(1));
+}
+
+// Backward pass 1 over a run: dsx += dz * (x - center), db += dz.
+template <bool kSilu, typename T, typename P, typename S, typename acc_t = acc_type<T>>
+void backward_sums_run(const T* dy, const T* x, int64_t n, const P& center, const P& scale,
+                       const P& shift, S& dsx, S& db) {
+  int64_t i = 0;
+  if constexpr (kHasVecPath<T>) {
+    for (; i + kLanes <= n; i += kLanes) {
+      const Vec xc = load_lanes(x + i) - center.vec(i);
+      const Vec dz = upstream_grad<kSilu>(load_lanes(dy + i), xc, scale.vec(i), shift.vec(i));
+      dsx.add(i, dz * xc);
+      db.add(i, dz);
+    }
+  }
+  for (; i < n; ++i) {
+    const acc_t xc = static_cast<acc_t>(x[i]) - center.at(i);
+    const acc_t dz = upstream_grad<kSilu>(static_cast<acc_t>(dy[i]), xc, scale.at(i), shift.at(i));
+    dsx.add(i, dz * xc);
+    db.add(i, dz);
+  }
+}
+
+// Backward pass 2 over a run: dx = k1 * dz + k2 * (x - center) + k3.
+template <bool kSilu, typename T, typename P, typename acc_t = acc_type<T>>
+void backward_apply_run(const T* dy, const T* x, T* dx, int64_t n, const P& center,
+                        const P& scale, const P& shift, const P& k1, const P& k2, const P& k3) {
+  int64_t i = 0;
+  if constexpr (kHasVecPath<T>) {
+    for (; i + kLanes <= n; i += kLanes) {
+      const Vec xc = load_lanes(x + i) - center.vec(i);
+      const Vec dz = upstream_grad<kSilu>(load_lanes(dy + i), xc, scale.vec(i), shift.vec(i));
+      store_lanes(dx + i, at::vec::fmadd(k1.vec(i), dz, at::vec::fmadd(k2.vec(i), xc, k3.vec(i))));
+    }
+  }
+  for (; i < n; ++i) {
+    const acc_t xc = static_cast<acc_t>(x[i]) - center.at(i);
+    const acc_t dz = upstream_grad<kSilu>(static_cast<acc_t>(dy[i]), xc, scale.at(i), shift.at(i));
+    dx[i] = static_cast<T>(k1.at(i) * dz + k2.at(i) * xc + k3.at(i));
+  }
+}
+
+}  // namespace ldm::cpu

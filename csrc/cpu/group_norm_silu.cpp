@@ -1,0 +1,205 @@
+// CPU GroupNorm(+SiLU) forward and backward.
+//
+// NCHW: one (n, group) slab is contiguous, so a thread computes its statistics and applies
+// the normalisation while the slab is still in cache (2 memory passes). When N * groups is
+// below the thread count, slabs are split into fixed-size chunks whose partial moments are
+// merged in a fixed order (deterministic for any thread count).
+// channels_last: tiles of rows give per-group partial moments, merged in order; then each
+// row is normalised with per-channel scale/shift vectors.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "cpu/group_norm_rows.h"
+#include "group_norm_common.h"
+
+#include <vector>
+
+namespace ldm::cpu {
+namespace {
+
+constexpr int64_t kSplitChunk = 1 << 16;  // values per partial when slabs are split
+constexpr int64_t kTileValues = 4096;     // values per channels_last statistics tile
+
+// Raw pointers and sizes of one forward call.
+template <typename T, typename acc_t>
+struct ForwardArgs {
+  const T* x;
+  T* y;
+  const acc_t* weight;  // nullptr: ones
+  const acc_t* bias;    // nullptr: zeros
+  acc_t* mean;          // [N, G]
+  acc_t* rstd;          // [N, G]
+  GroupNormShape shape;
+  acc_t eps;
+};
+
+// Per-channel scale/shift of channel c in group ng so that y = x * scale + shift.
+template <typename acc_t>
+inline void channel_affine(const acc_t* w, const acc_t* b, int64_t c, acc_t mean, acc_t rstd,
+                           acc_t& scale, acc_t& shift) {
+  scale = rstd * (w ? w[c] : acc_t(1));
+  shift = (b ? b[c] : acc_t(0)) - mean * scale;
+}
+
+// Applies group ng to slab values [begin, end) (which may cross channel boundaries).
+template <bool kSilu, typename T, typename acc_t>
+void apply_slab_range(const ForwardArgs<T, acc_t>& a, int64_t ng, int64_t begin, int64_t end) {
+  const int64_t D = a.shape.channels_per_group(), HW = a.shape.HW;
+  const int64_t g = ng % a.shape.G;
+  const int64_t base = ng * D * HW;
+  for (int64_t i = begin; i < end;) {
+    const int64_t c = g * D + i / HW;
+    const int64_t stop = std::min(end, (i / HW + 1) * HW);
+    acc_t scale, shift;
+    channel_affine(a.weight, a.bias, c, a.mean[ng], a.rstd[ng], scale, shift);
+    apply_run<kSilu>(a.x + base + i, a.y + base + i, stop - i, Uniform<acc_t>{scale},
+                     Uniform<acc_t>{shift});
+    i = stop;
+  }
+}
+
+template <bool kSilu, typename T, typename acc_t>
+void forward_contiguous(const ForwardArgs<T, acc_t>& a) {
+  const int64_t NG = a.shape.N * a.shape.G;
+  const int64_t slab = a.shape.channels_per_group() * a.shape.HW;
+  if (NG >= at::get_num_threads()) {
+    // Statistics then apply per slab, while the slab is hot in cache.
+    at::parallel_for(0, NG, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t ng = begin; ng < end; ++ng) {
+        const Moments<acc_t> m = contiguous_moments(a.x + ng * slab, slab);
+        a.mean[ng] = m.mean;
+        a.rstd[ng] = rstd_from_moments(m, a.eps);
+        apply_slab_range<kSilu>(a, ng, 0, slab);
+      }
+    });
+    return;
+  }
+  // Few slabs: split each into chunks so every thread has work.
+  const int64_t chunks = (slab + kSplitChunk - 1) / kSplitChunk;
+  std::vector<Moments<acc_t>> partial(NG * chunks);
+  at::parallel_for(0, NG * chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t start = (item % chunks) * kSplitChunk;
+      partial[item] = contiguous_moments(a.x + (item / chunks) * slab + start,
+                                         std::min(kSplitChunk, slab - start));
+    }
+  });
+  for (int64_t ng = 0; ng < NG; ++ng) {
+    Moments<acc_t> m{0, 0, 0};
+    for (int64_t k = 0; k < chunks; ++k) m = chan_merge(m, partial[ng * chunks + k]);
+    a.mean[ng] = m.mean;
+    a.rstd[ng] = rstd_from_moments(m, a.eps);
+  }
+  at::parallel_for(0, NG * chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t start = (item % chunks) * kSplitChunk;
+      apply_slab_range<kSilu>(a, item / chunks, start, std::min(slab, start + kSplitChunk));
+    }
+  });
+}
+
+template <bool kSilu, typename T, typename acc_t>
+void forward_channels_last(const ForwardArgs<T, acc_t>& a) {
+  const int64_t N = a.shape.N, C = a.shape.C, HW = a.shape.HW, G = a.shape.G;
+  const int64_t D = a.shape.channels_per_group();
+  const int64_t rows_per_tile = std::max<int64_t>(1, kTileValues / C);
+  const int64_t tiles = (HW + rows_per_tile - 1) / rows_per_tile;
+  std::vector<Moments<acc_t>> partial(N * tiles * G);
+  at::parallel_for(0, N * tiles, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> sums(C), center(C);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t n = item / tiles, r0 = (item % tiles) * rows_per_tile;
+      const int64_t rows = std::min(rows_per_tile, HW - r0);
+      const T* tile = a.x + (n * HW + r0) * C;
+      // Exact two-pass moments of the tile: group means first, then squared deviations.
+      std::fill(sums.begin(), sums.end(), acc_t(0));
+      tile_channel_sums<false>(tile, rows, C, center.data(), sums.data());
+      const acc_t count = static_cast<acc_t>(rows * D);
+      for (int64_t g = 0; g < G; ++g) {
+        acc_t s = 0;
+        for (int64_t c = g * D; c < (g + 1) * D; ++c) s += sums[c];
+        std::fill(center.begin() + g * D, center.begin() + (g + 1) * D, s / count);
+      }
+      std::fill(sums.begin(), sums.end(), acc_t(0));
+      tile_channel_sums<true>(tile, rows, C, center.data(), sums.data());
+      for (int64_t g = 0; g < G; ++g) {
+        acc_t m2 = 0;
+        for (int64_t c = g * D; c < (g + 1) * D; ++c) m2 += sums[c];
+        partial[item * G + g] = Moments<acc_t>{count, center[g * D], m2};
+      }
+    }
+  });
+  std::vector<acc_t> scale(N * C), shift(N * C);
+  for (int64_t n = 0; n < N; ++n) {
+    for (int64_t g = 0; g < G; ++g) {
+      Moments<acc_t> m{0, 0, 0};
+      for (int64_t t = 0; t < tiles; ++t) m = chan_merge(m, partial[(n * tiles + t) * G + g]);
+      const int64_t ng = n * G + g;
+      a.mean[ng] = m.mean;
+      a.rstd[ng] = rstd_from_moments(m, a.eps);
+      for (int64_t c = g * D; c < (g + 1) * D; ++c) {
+        channel_affine(a.weight, a.bias, c, a.mean[ng], a.rstd[ng], scale[n * C + c],
+                       shift[n * C + c]);
+      }
+    }
+  }
+  const int64_t grain = std::max<int64_t>(1, kTileValues / C);
+  at::parallel_for(0, N * HW, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t n = row / HW;
+      apply_run<kSilu>(a.x + row * C, a.y + row * C, C, PerChannel<acc_t>{&scale[n * C]},
+                       PerChannel<acc_t>{&shift[n * C]});
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_cpu(
+    const at::Tensor& x, int64_t num_groups, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& bias, double eps, bool silu) {
+  const GroupNormShape shape =
+      check_group_norm_inputs(x, num_groups, weight, bias, "ldm::group_norm_silu");
+  const at::ScalarType acc = stats_dtype(x);
+  at::Tensor y = at::empty_like(x);
+  const c10::optional<Layout> layout = layout_of(y);
+  // Unusual strides: compute in NCHW, copy into y's layout at the end.
+  at::Tensor out = layout ? y : at::empty_like(x, at::MemoryFormat::Contiguous);
+  const at::Tensor xin = with_layout_of(x, out);
+  const at::Tensor w = param_as(weight, acc), b = param_as(bias, acc);
+  at::Tensor mean = at::empty({shape.N, shape.G}, x.options().dtype(acc));
+  at::Tensor rstd = at::empty_like(mean);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(),
+                                  "ldm_group_norm_silu_cpu", [&] {
+    using acc_t = acc_type<scalar_t>;
+    const ForwardArgs<scalar_t, acc_t> args{
+        xin.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
+        w.defined() ? w.const_data_ptr<acc_t>() : nullptr,
+        b.defined() ? b.const_data_ptr<acc_t>() : nullptr,
+        mean.mutable_data_ptr<acc_t>(), rstd.mutable_data_ptr<acc_t>(), shape,
+        static_cast<acc_t>(eps)};
+    const bool channels_last = layout == Layout::kChannelsLast;
+    if (silu) {
+      channels_last ? forward_channels_last<true>(args) : forward_contiguous<true>(args);
+    } else {
+      channels_last ? forward_channels_last<false>(args) : forward_contiguous<false>(args);
+    }
+  });
+  if (!layout) y.copy_(out);
+  return {y, mean, rstd};
+}
+
+}  // namespace
+
+// Defined in group_norm_silu_backward.cpp.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_backward_cpu(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& mean,
+    const at::Tensor& rstd, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& bias, int64_t num_groups, bool silu,
+    std::array<bool, 3> output_mask);
+
+}  // namespace ldm::cpu
+
+TORCH_LIBRARY_IMPL(ldm, CPU, m) {
+  m.impl("group_norm_silu", &ldm::cpu::group_norm_silu_cpu);
+  m.impl("group_norm_silu_backward", &ldm::cpu::group_norm_silu_backward_cpu);
+}

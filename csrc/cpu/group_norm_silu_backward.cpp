@@ -1,0 +1,235 @@
+// CPU GroupNorm(+SiLU) backward: gradients of x, weight and bias.
+//
+// Pass 1 gives per-(n, channel) sums dsx = sum(dz (x - mean)) and db = sum(dz); pass 2
+// writes dx = k1 dz + k2 (x - mean) + k3 (coefficients from csrc/math.h). For NCHW with
+// enough slabs both passes run per (n, group) while its slab is in cache. Every reduction
+// has a fixed order, so results are bitwise reproducible.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "cpu/group_norm_rows.h"
+#include "group_norm_common.h"
+
+#include <array>
+#include <vector>
+
+namespace ldm::cpu {
+namespace {
+
+constexpr int64_t kTileValues = 4096;  // values per channels_last tile of pass 1
+
+template <typename T, typename acc_t>
+struct BackwardArgs {
+  const T* dy;
+  const T* x;
+  T* dx;  // nullptr: dx not requested
+  const acc_t* mean;
+  const acc_t* rstd;
+  const acc_t* weight;  // nullptr: ones
+  const acc_t* bias;    // nullptr: zeros
+  acc_t* dsx;           // [N, C]
+  acc_t* db;            // [N, C]
+  GroupNormShape shape;
+
+  acc_t w(int64_t c) const { return weight ? weight[c] : acc_t(1); }
+  acc_t b(int64_t c) const { return bias ? bias[c] : acc_t(0); }
+
+  // k2, k3 of group (n, g) from the pass-1 sums.
+  BackwardGroupCoeffs<acc_t> group_coeffs(int64_t n, int64_t g) const {
+    const int64_t C = shape.C, D = shape.channels_per_group();
+    acc_t sum_w_db = 0, sum_w_dsx = 0;
+    for (int64_t c = g * D; c < (g + 1) * D; ++c) {
+      sum_w_db += w(c) * db[n * C + c];
+      sum_w_dsx += w(c) * dsx[n * C + c];
+    }
+    return group_norm_backward_coeffs(rstd[n * shape.G + g], sum_w_db, sum_w_dsx,
+                                      static_cast<acc_t>(D * shape.HW));
+  }
+};
+
+// NCHW pass 1 for channel (n, c).
+template <bool kSilu, typename T, typename acc_t>
+void channel_sums(const BackwardArgs<T, acc_t>& a, int64_t n, int64_t c) {
+  const int64_t ng = n * a.shape.G + c / a.shape.channels_per_group();
+  const int64_t offset = (n * a.shape.C + c) * a.shape.HW;
+  UniformSum<acc_t> dsx, db;
+  backward_sums_run<kSilu>(a.dy + offset, a.x + offset, a.shape.HW, Uniform<acc_t>{a.mean[ng]},
+                           Uniform<acc_t>{a.rstd[ng] * a.w(c)}, Uniform<acc_t>{a.b(c)}, dsx, db);
+  a.dsx[n * a.shape.C + c] = dsx.total();
+  a.db[n * a.shape.C + c] = db.total();
+}
+
+// NCHW pass 2 for channel (n, c) given its group's coefficients.
+template <bool kSilu, typename T, typename acc_t>
+void channel_apply(const BackwardArgs<T, acc_t>& a, int64_t n, int64_t c,
+                   const BackwardGroupCoeffs<acc_t>& k) {
+  const int64_t ng = n * a.shape.G + c / a.shape.channels_per_group();
+  const int64_t offset = (n * a.shape.C + c) * a.shape.HW;
+  const acc_t scale = a.rstd[ng] * a.w(c);
+  backward_apply_run<kSilu>(a.dy + offset, a.x + offset, a.dx + offset, a.shape.HW,
+                            Uniform<acc_t>{a.mean[ng]}, Uniform<acc_t>{scale},
+                            Uniform<acc_t>{a.b(c)}, Uniform<acc_t>{scale},
+                            Uniform<acc_t>{k.k2}, Uniform<acc_t>{k.k3});
+}
+
+template <bool kSilu, typename T, typename acc_t>
+void backward_contiguous(const BackwardArgs<T, acc_t>& a) {
+  const int64_t N = a.shape.N, C = a.shape.C, G = a.shape.G, D = a.shape.channels_per_group();
+  if (a.dx && N * G >= at::get_num_threads()) {
+    // Both passes per (n, group) slab while it is in cache.
+    at::parallel_for(0, N * G, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t ng = begin; ng < end; ++ng) {
+        const int64_t n = ng / G, g = ng % G;
+        for (int64_t c = g * D; c < (g + 1) * D; ++c) channel_sums<kSilu>(a, n, c);
+        const BackwardGroupCoeffs<acc_t> k = a.group_coeffs(n, g);
+        for (int64_t c = g * D; c < (g + 1) * D; ++c) channel_apply<kSilu>(a, n, c, k);
+      }
+    });
+    return;
+  }
+  at::parallel_for(0, N * C, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t nc = begin; nc < end; ++nc) channel_sums<kSilu>(a, nc / C, nc % C);
+  });
+  if (!a.dx) return;
+  at::parallel_for(0, N * C, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t nc = begin; nc < end; ++nc) {
+      const int64_t n = nc / C, c = nc % C;
+      channel_apply<kSilu>(a, n, c, a.group_coeffs(n, c / D));
+    }
+  });
+}
+
+template <bool kSilu, typename T, typename acc_t>
+void backward_channels_last(const BackwardArgs<T, acc_t>& a) {
+  const int64_t N = a.shape.N, C = a.shape.C, HW = a.shape.HW, G = a.shape.G;
+  const int64_t D = a.shape.channels_per_group();
+  // Per-(n, channel) parameters as vectors over a row.
+  std::vector<acc_t> center(N * C), scale(N * C), shift(N * C);
+  for (int64_t n = 0; n < N; ++n) {
+    for (int64_t c = 0; c < C; ++c) {
+      const int64_t ng = n * G + c / D;
+      center[n * C + c] = a.mean[ng];
+      scale[n * C + c] = a.rstd[ng] * a.w(c);
+      shift[n * C + c] = a.b(c);
+    }
+  }
+  const int64_t rows_per_tile = std::max<int64_t>(1, kTileValues / C);
+  const int64_t tiles = (HW + rows_per_tile - 1) / rows_per_tile;
+  std::vector<acc_t> partial(N * tiles * 2 * C, acc_t(0));  // [N, tiles, {dsx, db}, C]
+  at::parallel_for(0, N * tiles, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t n = item / tiles, r0 = (item % tiles) * rows_per_tile;
+      PerChannelSum<acc_t> dsx{&partial[item * 2 * C]}, db{&partial[item * 2 * C + C]};
+      for (int64_t r = r0; r < std::min(HW, r0 + rows_per_tile); ++r) {
+        const int64_t offset = (n * HW + r) * C;
+        backward_sums_run<kSilu>(a.dy + offset, a.x + offset, C, PerChannel<acc_t>{&center[n * C]},
+                                 PerChannel<acc_t>{&scale[n * C]},
+                                 PerChannel<acc_t>{&shift[n * C]}, dsx, db);
+      }
+    }
+  });
+  for (int64_t n = 0; n < N; ++n) {
+    for (int64_t c = 0; c < C; ++c) {
+      acc_t dsx = 0, db = 0;
+      for (int64_t t = 0; t < tiles; ++t) {
+        dsx += partial[(n * tiles + t) * 2 * C + c];
+        db += partial[(n * tiles + t) * 2 * C + C + c];
+      }
+      a.dsx[n * C + c] = dsx;
+      a.db[n * C + c] = db;
+    }
+  }
+  if (!a.dx) return;
+  std::vector<acc_t> k2(N * C), k3(N * C);
+  for (int64_t n = 0; n < N; ++n) {
+    for (int64_t g = 0; g < G; ++g) {
+      const BackwardGroupCoeffs<acc_t> k = a.group_coeffs(n, g);
+      std::fill(k2.begin() + n * C + g * D, k2.begin() + n * C + (g + 1) * D, k.k2);
+      std::fill(k3.begin() + n * C + g * D, k3.begin() + n * C + (g + 1) * D, k.k3);
+    }
+  }
+  at::parallel_for(0, N * HW, rows_per_tile, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t n = row / HW, offset = row * C;
+      backward_apply_run<kSilu>(a.dy + offset, a.x + offset, a.dx + offset, C,
+                                PerChannel<acc_t>{&center[n * C]}, PerChannel<acc_t>{&scale[n * C]},
+                                PerChannel<acc_t>{&shift[n * C]}, PerChannel<acc_t>{&scale[n * C]},
+                                PerChannel<acc_t>{&k2[n * C]}, PerChannel<acc_t>{&k3[n * C]});
+    }
+  });
+}
+
+// dweight_c = sum_n rstd dsx, dbias_c = sum_n db (fixed order over n).
+template <typename acc_t>
+void parameter_grads(const acc_t* dsx, const acc_t* db, const acc_t* rstd,
+                     const GroupNormShape& s, acc_t* dweight, acc_t* dbias) {
+  for (int64_t c = 0; c < s.C; ++c) {
+    acc_t dw = 0, dbc = 0;
+    for (int64_t n = 0; n < s.N; ++n) {
+      dw += rstd[n * s.G + c / s.channels_per_group()] * dsx[n * s.C + c];
+      dbc += db[n * s.C + c];
+    }
+    if (dweight) dweight[c] = dw;
+    if (dbias) dbias[c] = dbc;
+  }
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_backward_cpu(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& mean,
+    const at::Tensor& rstd, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& bias, int64_t num_groups, bool silu,
+    std::array<bool, 3> output_mask) {
+  const char* op = "ldm::group_norm_silu_backward";
+  const GroupNormShape shape = check_group_norm_inputs(x, num_groups, weight, bias, op);
+  TORCH_CHECK(grad_y.sizes() == x.sizes() && grad_y.scalar_type() == x.scalar_type() &&
+              grad_y.device() == x.device(), op, ": grad_y must match x in shape, dtype and "
+              "device, got ", grad_y.sizes(), " ", grad_y.scalar_type(), " vs ", x.sizes(), " ",
+              x.scalar_type());
+  const at::ScalarType acc = stats_dtype(x);
+  for (const at::Tensor* t : {&mean, &rstd}) {
+    TORCH_CHECK(t->sizes() == at::IntArrayRef({shape.N, shape.G}) && t->scalar_type() == acc &&
+                t->device() == x.device(), op, ": mean/rstd must be [N, num_groups] ", acc,
+                " tensors from the forward, got ", t->sizes(), " ", t->scalar_type());
+  }
+  const bool want_dx = output_mask[0];
+  at::Tensor dx = want_dx ? at::empty_like(x) : at::empty({0}, x.options());
+  const c10::optional<Layout> layout = want_dx ? layout_of(dx) : layout_of(x);
+  at::Tensor out = (!want_dx || layout) ? dx : at::empty_like(x, at::MemoryFormat::Contiguous);
+  const at::Tensor like = want_dx ? out : (layout ? x : x.contiguous());
+  const at::Tensor xin = with_layout_of(x, like), dyin = with_layout_of(grad_y, like);
+  const at::Tensor w = param_as(weight, acc), b = param_as(bias, acc);
+  const at::Tensor mean_c = mean.contiguous(), rstd_c = rstd.contiguous();
+  at::Tensor dsx = at::empty({shape.N, shape.C}, x.options().dtype(acc));
+  at::Tensor db = at::empty_like(dsx);
+  at::Tensor dweight = at::empty({w.defined() && output_mask[1] ? shape.C : 0}, dsx.options());
+  at::Tensor dbias = at::empty({b.defined() && output_mask[2] ? shape.C : 0}, dsx.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(),
+                                  "ldm_group_norm_silu_backward_cpu", [&] {
+    using acc_t = acc_type<scalar_t>;
+    const BackwardArgs<scalar_t, acc_t> args{
+        dyin.const_data_ptr<scalar_t>(), xin.const_data_ptr<scalar_t>(),
+        want_dx ? out.mutable_data_ptr<scalar_t>() : nullptr, mean_c.const_data_ptr<acc_t>(),
+        rstd_c.const_data_ptr<acc_t>(), w.defined() ? w.const_data_ptr<acc_t>() : nullptr,
+        b.defined() ? b.const_data_ptr<acc_t>() : nullptr, dsx.mutable_data_ptr<acc_t>(),
+        db.mutable_data_ptr<acc_t>(), shape};
+    const bool channels_last = layout == Layout::kChannelsLast;
+    if (silu) {
+      channels_last ? backward_channels_last<true>(args) : backward_contiguous<true>(args);
+    } else {
+      channels_last ? backward_channels_last<false>(args) : backward_contiguous<false>(args);
+    }
+    parameter_grads(args.dsx, args.db, args.rstd, shape,
+                    dweight.numel() ? dweight.mutable_data_ptr<acc_t>() : nullptr,
+                    dbias.numel() ? dbias.mutable_data_ptr<acc_t>() : nullptr);
+  });
+  if (want_dx && !layout) dx.copy_(out);
+  auto param_dtype = [&](const c10::optional<at::Tensor>& p, const at::Tensor& g) {
+    return g.numel() ? g.to(p->scalar_type()) : at::empty({0}, x.options());
+  };
+  return {dx, param_dtype(weight, dweight), param_dtype(bias, dbias)};
+}
+
+}  // namespace ldm::cpu

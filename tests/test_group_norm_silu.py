@@ -1,0 +1,152 @@
+"""Fused GroupNorm(+SiLU) against its reference: values, gradients, layouts, dtypes, errors."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ldm._extension import has_kernel
+from ldm.kernels import group_norm_silu, group_norm_silu_reference
+
+pytestmark = pytest.mark.skipif(not has_kernel("group_norm_silu", "cpu"),
+                                reason="ldm._C is not built")
+op = torch.ops.ldm.group_norm_silu if has_kernel("group_norm_silu", "cpu") else None
+
+# (shape, num_groups): U-Net-like, 1x1, odd 7x5, one channel per group, batch 1 with one
+# group (the split path: fewer slabs than threads), 1D and 3D spatial.
+SHAPES = [((2, 64, 8, 8), 32), ((2, 4, 1, 1), 2), ((2, 6, 7, 5), 3), ((2, 8, 4, 4), 8),
+          ((1, 32, 16, 16), 1), ((2, 8, 9), 4), ((1, 8, 3, 4, 5), 2)]
+TOL = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.bfloat16: dict(atol=3e-2, rtol=3e-2)}
+GRAD_TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.bfloat16: dict(atol=6e-2, rtol=6e-2)}
+
+
+def channels_last(x: torch.Tensor) -> torch.Tensor:
+    """x with channels innermost in memory (any rank), same values."""
+    perm = [0, *range(2, x.dim()), 1]
+    inverse = [perm.index(i) for i in range(x.dim())]
+    return x.permute(perm).contiguous().permute(inverse)
+
+
+def make_inputs(shape, dtype, layout, affine=True, seed=0):
+    """x (offset, scaled: exercises the mean subtraction), weight and bias, all requiring grad."""
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(shape, generator=g) * 2 + 3).to(dtype)
+    if layout == "channels_last":
+        x = channels_last(x)
+    w = (torch.randn(shape[1], generator=g) + 1).to(dtype) if affine else None
+    b = torch.randn(shape[1], generator=g).to(dtype) if affine else None
+    return [t.requires_grad_() if t is not None else None for t in (x, w, b)]
+
+
+def grads(y, inputs, grad_y):
+    """Gradients of (y * grad_y).sum() for the inputs that exist."""
+    present = [t for t in inputs if t is not None]
+    return torch.autograd.grad(y, present, grad_y)
+
+
+@pytest.mark.parametrize("shape,groups", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_matches_reference(shape, groups, dtype, layout):
+    x, w, b = make_inputs(shape, dtype, layout)
+    y = group_norm_silu(x, groups, w, b, eps=1e-5)
+    y_ref = group_norm_silu_reference(x, groups, w, b, eps=1e-5)
+    assert y.dtype == dtype and y.shape == x.shape and y.stride() == x.stride()
+    torch.testing.assert_close(y, y_ref, **TOL[dtype])
+    grad_y = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    for got, want in zip(grads(y, (x, w, b), grad_y), grads(y_ref, (x, w, b), grad_y)):
+        torch.testing.assert_close(got, want, **GRAD_TOL[dtype])
+
+
+@pytest.mark.parametrize("silu", [True, False])
+@pytest.mark.parametrize("affine", [True, False])
+def test_options(silu, affine):
+    x, w, b = make_inputs((2, 12, 5, 6), torch.float32, "contiguous", affine=affine)
+    y = group_norm_silu(x, 4, w, b, eps=1e-6, silu=silu)
+    y_ref = group_norm_silu_reference(x, 4, w, b, eps=1e-6, silu=silu)
+    torch.testing.assert_close(y, y_ref, **TOL[torch.float32])
+    grad_y = torch.randn_like(y)
+    for got, want in zip(grads(y, (x, w, b), grad_y), grads(y_ref, (x, w, b), grad_y)):
+        torch.testing.assert_close(got, want, **GRAD_TOL[torch.float32])
+
+
+def test_only_weight_requires_grad():
+    x, w, b = make_inputs((2, 8, 4, 4), torch.float32, "contiguous")
+    x = x.detach()
+    (dw,) = torch.autograd.grad(group_norm_silu(x, 4, w, b.detach()).sum(), (w,))
+    (dw_ref,) = torch.autograd.grad(group_norm_silu_reference(x, 4, w, b.detach()).sum(), (w,))
+    torch.testing.assert_close(dw, dw_ref, **GRAD_TOL[torch.float32])
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_gradcheck_float64(layout):
+    x, w, b = make_inputs((2, 6, 3, 4), torch.float64, layout)
+    assert torch.autograd.gradcheck(lambda *a: group_norm_silu(a[0], 3, a[1], a[2]), (x, w, b))
+
+
+def test_non_contiguous_views():
+    base, w, b = make_inputs((2, 16, 10, 12), torch.float32, "contiguous")
+    for x in (base[:, :, ::2, 1:], base.transpose(2, 3), base[:, :8]):
+        groups = 4
+        weight, bias = (w[: x.shape[1]], b[: x.shape[1]])
+        y = group_norm_silu(x, groups, weight, bias)
+        torch.testing.assert_close(y, group_norm_silu_reference(x, groups, weight, bias),
+                                   **TOL[torch.float32])
+        (gx,) = torch.autograd.grad(y.sum(), (base,))
+        y_ref = group_norm_silu_reference(x, groups, weight, bias)
+        (gx_ref,) = torch.autograd.grad(y_ref.sum(), (base,))
+        torch.testing.assert_close(gx, gx_ref, **GRAD_TOL[torch.float32])
+
+
+def test_large_values_are_stable():
+    # A large common offset: E[x^2] - E[x]^2 would lose all precision here; Welford/Chan does not.
+    x = torch.randn(1, 4, 64, 64, generator=torch.Generator().manual_seed(2)) + 1e4
+    y = group_norm_silu(x, 2, silu=False)
+    torch.testing.assert_close(y, group_norm_silu_reference(x.double(), 2, silu=False).float(),
+                               atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("shape,groups,layout", [((2, 64, 8, 8), 32, "contiguous"),
+                                                 ((1, 32, 64, 64), 1, "contiguous"),
+                                                 ((2, 64, 8, 8), 32, "channels_last")])
+def test_bitwise_deterministic(shape, groups, layout):
+    x, w, b = make_inputs(shape, torch.float32, layout)
+    grad_y = torch.randn(shape, generator=torch.Generator().manual_seed(3))
+
+    def run():
+        y = group_norm_silu(x, groups, w, b)
+        return (y, *grads(y, (x, w, b), grad_y))
+
+    first = run()
+    for _ in range(3):
+        for a, b_ in zip(first, run()):
+            assert torch.equal(a, b_)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_opcheck(layout):
+    x, w, b = make_inputs((2, 8, 5, 3), torch.float32, layout)
+    torch.library.opcheck(op, (x, 4, w, b, 1e-5, True))
+    torch.library.opcheck(op, (x.detach(), 2, None, None, 1e-6, False))
+    _, mean, rstd = (t.detach() for t in op(x, 4, w, b, 1e-5, True))
+    grad_y = torch.randn_like(x)
+    backward = torch.ops.ldm.group_norm_silu_backward
+    torch.library.opcheck(backward, (grad_y, x.detach(), mean, rstd, w.detach(), b.detach(), 4,
+                                     True, [True, True, True]))
+    torch.library.opcheck(backward, (grad_y, x.detach(), mean, rstd, None, b.detach(), 4, True,
+                                     [True, False, False]))
+
+
+@pytest.mark.parametrize("make_args,message", [
+    (lambda: (torch.randn(4, 8), 2, None, None), "spatial"),
+    (lambda: (torch.randn(1, 6, 4, 4), 4, None, None), "divisible"),
+    (lambda: (torch.randn(1, 8, 4, 4), 0, None, None), "divisible"),
+    (lambda: (torch.randn(1, 8, 4, 4), 2, torch.ones(4), None), "weight must have shape"),
+    (lambda: (torch.randn(1, 8, 4, 4), 2, None, torch.ones(8, 1)), "bias must have shape"),
+    (lambda: (torch.randn(1, 8, 4, 4), 2, torch.ones(8, dtype=torch.float64), None), "dtype"),
+    (lambda: (torch.randn(1, 8, 4, 4), 2, torch.ones(8, device="meta"), None), "is on meta"),
+    (lambda: (torch.randn(0, 8, 4, 4), 2, None, None), "empty"),
+    (lambda: (torch.ones(1, 8, 4, 4, dtype=torch.int32), 2, None, None), "floating"),
+])
+def test_bad_input_raises(make_args, message):
+    with pytest.raises(RuntimeError, match=message):
+        op(*make_args(), 1e-5, True)
