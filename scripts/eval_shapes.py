@@ -1,0 +1,154 @@
+"""Score a text-to-image model on the shapes task: one image per (color, shape, background).
+
+Each of the 168 triples is generated with a fixed seed from its canonical caption and read
+back by plain pixel analysis (ldm.data.shapes_classifier). Prints accuracy for colour,
+shape, background, all three, and all three on the 8 held-out triples; saves a grid PNG.
+`--dataset` runs the same classifier on the dataset's own images instead (must be 100%).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
+
+import numpy as np  # noqa: E402
+from PIL import Image, ImageDraw  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from ldm.data.shapes import (  # noqa: E402
+    COLORS, HELD_OUT_TRIPLES, SHAPES, ShapesDataset, Triple, all_triples, caption, render,
+)
+from ldm.data.shapes_classifier import classify  # noqa: E402
+
+DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "ldm" / "assets" / "shapes.safetensors"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line flags."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", default=None, help=f"model file (default: the shipped model {DEFAULT_MODEL.name})")
+    p.add_argument("--dataset", action="store_true",
+                   help="classify the dataset's own rendered images instead of generating")
+    p.add_argument("--num", type=int, default=2000, help="--dataset: number of images (default 2000)")
+    p.add_argument("--seed", type=int, default=0, help="base seed; triple i uses seed + i (default 0)")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the pipeline's)")
+    p.add_argument("--sampler", default=None, help="sampler name (default: the pipeline's)")
+    p.add_argument("--scale", type=float, default=None, help="guidance scale (default: the pipeline's)")
+    p.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
+    p.add_argument("--outdir", default="outputs/eval_shapes",
+                   help="where grid.png and results.json go (default outputs/eval_shapes)")
+    p.add_argument("--device", default="cpu", help="torch device for generation (default cpu)")
+    args = p.parse_args(argv)
+    if args.num < 1:
+        p.error("--num must be >= 1")
+    if args.size < 16:
+        p.error("--size must be >= 16")
+    if args.steps is not None and args.steps < 1:
+        p.error("--steps must be >= 1")
+    return args
+
+
+def summarise(truth: list[Triple], predicted: list[Triple]) -> dict[str, float]:
+    """Accuracies (percent) of colour, shape, background, all three, all three on held-out."""
+    t, p = np.asarray(truth, dtype=object), np.asarray(predicted, dtype=object)
+    hits = t == p                                               # [N, 3]
+    held = np.asarray([tuple(x) in HELD_OUT_TRIPLES for x in truth])
+    out = {"color": hits[:, 0].mean(), "shape": hits[:, 1].mean(), "background": hits[:, 2].mean(),
+           "all": hits.all(1).mean()}
+    out["held_out_all"] = hits[held].all(1).mean() if held.any() else float("nan")
+    return {k: 100.0 * float(v) for k, v in out.items()} | {"count": len(truth), "held_out_count": int(held.sum())}
+
+
+def print_summary(summary: dict[str, float]) -> None:
+    """One table of the accuracies."""
+    print(f"{'measure':<22}{'accuracy':>10}")
+    for key, label in [("color", "colour"), ("shape", "shape"), ("background", "background"),
+                       ("all", "all three"), ("held_out_all", "held-out all three")]:
+        print(f"{label:<22}{summary[key]:>9.1f}%")
+    print(f"({summary['count']} images, {summary['held_out_count']} of them held-out triples)")
+
+
+def grid(images: dict[Triple, np.ndarray], predicted: dict[Triple, Triple], size: int) -> Image.Image:
+    """Rows: colour x shape; columns: background. Red frame = misread, white dot = held-out."""
+    pad = 4
+    cell = size + pad
+    canvas = Image.new("RGB", (len(COLORS) * cell + pad, len(COLORS) * len(SHAPES) * cell + pad), (128, 128, 128))
+    draw = ImageDraw.Draw(canvas)
+    for row, (color, shape) in enumerate((c, s) for c in COLORS for s in SHAPES):
+        for col, background in enumerate(COLORS):
+            triple = (color, shape, background)
+            if triple not in images:
+                continue
+            x, y = pad + col * cell, pad + row * cell
+            canvas.paste(Image.fromarray(images[triple]), (x, y))
+            if predicted[triple] != triple:
+                draw.rectangle([x - 2, y - 2, x + size + 1, y + size + 1], outline=(255, 0, 0), width=2)
+            if triple in HELD_OUT_TRIPLES:
+                draw.ellipse([x + 1, y + 1, x + 5, y + 5], fill=(255, 255, 255), outline=(0, 0, 0))
+    return canvas
+
+
+def evaluate_dataset(args: argparse.Namespace) -> tuple[dict, dict, dict]:
+    """Classify the dataset's own images (every triple drawn, none excluded)."""
+    dataset = ShapesDataset(args.num, seed=args.seed, size=args.size)
+    truth, pred, images, preds = [], [], {}, {}
+    for i in tqdm(range(len(dataset)), desc="classify"):
+        spec, _ = dataset.spec(i)
+        pixels = render(spec, args.size)
+        got = classify(pixels).triple
+        truth.append(spec.triple)
+        pred.append(got)
+        if spec.triple not in images:
+            images[spec.triple], preds[spec.triple] = pixels, got
+    return summarise(truth, pred), images, preds
+
+
+def evaluate_model(args: argparse.Namespace) -> tuple[dict, dict, dict]:
+    """Generate one image per triple with seed + index and classify it."""
+    import torch
+
+    import ldm
+
+    ckpt = Path(args.ckpt) if args.ckpt else DEFAULT_MODEL
+    if not ckpt.is_file():
+        raise ValueError(f"checkpoint not found: {ckpt}")
+    torch.set_num_threads(max(1, min(torch.get_num_threads(), 4)))
+    pipe = ldm.load_pipeline(str(ckpt), device=args.device)
+    options = {k: v for k, v in [("steps", args.steps), ("sampler", args.sampler),
+                                  ("guidance_scale", args.scale)] if v is not None}
+    truth, pred, images, preds = [], [], {}, {}
+    for index, triple in enumerate(tqdm(all_triples(), desc="generate")):
+        (image,) = pipe.txt2img(caption(triple), height=args.size, width=args.size,
+                                seed=args.seed + index, num_images=1, **options)
+        pixels = np.asarray(image.convert("RGB"))
+        got = classify(pixels).triple
+        truth.append(triple)
+        pred.append(got)
+        images[triple], preds[triple] = pixels, got
+    return summarise(truth, pred), images, preds
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the evaluation, print the table, write grid.png and results.json."""
+    args = parse_args(argv)
+    try:
+        summary, images, preds = evaluate_dataset(args) if args.dataset else evaluate_model(args)
+    except (ValueError, FileNotFoundError, RuntimeError, KeyError, OSError) as err:
+        print(f"error: {str(err).splitlines()[0] if str(err) else type(err).__name__}", file=sys.stderr)
+        return 2
+    print_summary(summary)
+    outdir = Path(args.outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    grid(images, preds, args.size).save(outdir / "grid.png")
+    details = {"summary": summary, "args": vars(args),
+               "predictions": [{"truth": list(t), "predicted": list(preds[t])} for t in images]}
+    (outdir / "results.json").write_text(json.dumps(details, indent=1))
+    print(f"grid: {outdir / 'grid.png'}; details: {outdir / 'results.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
