@@ -72,3 +72,17 @@ def set_threads(threads: int) -> None:
     """torch.set_num_threads when the config asks for a specific count."""
     if threads > 0:
         torch.set_num_threads(threads)
+
+
+def script_main(stage: str, description: str, argv: list[str] | None = None) -> int:
+    """The whole of scripts/train_vae.py (stage "vae") and scripts/train_ldm.py (stage "ldm")."""
+    from ldm.train.config import LDMTrainConfig, VAETrainConfig
+    cls, default_out = (VAETrainConfig, "runs/vae") if stage == "vae" else (LDMTrainConfig, "runs/ldm")
+
+    def run(args: argparse.Namespace) -> None:
+        from ldm.train import run as runner
+        config, out = resolve(args, cls, default_out)
+        train = runner.train_vae if stage == "vae" else runner.train_ldm
+        print(f"wrote {train(config, out, args.resume, progress=not args.quiet)}")
+
+    return main(run, parser(description, default_out), argv)

@@ -1,9 +1,5 @@
-"""Writing the usable model files (what load_autoencoder / load_pipeline read) from a run."""
+"""The weights a run exports: live weights with the EMA averages swapped in."""
 from __future__ import annotations
-
-import json
-import os
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -19,20 +15,3 @@ def averaged_state(module: nn.Module, ema: EMA | None) -> dict[str, torch.Tensor
             if name in state:
                 state[name] = value.to(state[name].dtype).cpu().contiguous()
     return state
-
-
-def write_model_file(path: Path, tensors: dict[str, torch.Tensor], ldm_config: dict) -> None:
-    """Atomic safetensors file with the config JSON under metadata "ldm_config"."""
-    try:
-        from ldm.checkpoint import write_checkpoint
-    except ImportError:  # before ldm.checkpoint exists: same layout, written here
-        write_checkpoint = None
-    metadata = {"ldm_config": json.dumps(ldm_config)}
-    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    if write_checkpoint is not None:
-        write_checkpoint(path, tensors, metadata)
-        return
-    from safetensors.torch import save_file
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, path)

@@ -70,7 +70,8 @@ class StepContext:
     info: DistInfo
     precision: str
     accum: int
-    generator: torch.Generator
+    generator: torch.Generator                 # on `device`: noise, timesteps, posterior samples
+    cpu_generator: torch.Generator             # host-side draws (e.g. which captions to drop)
     scaler: torch.amp.GradScaler | None = None
     channels_last: bool = False
 
@@ -153,7 +154,7 @@ class Trainer:
             raise ConfigError("run.precision=fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
         self.scaler = torch.amp.GradScaler("cuda") if self.run.precision == "fp16" else None
         self.ctx = StepContext(device, self.info, self.run.precision, self.run.grad_accum,
-                               torch.Generator(device=device), self.scaler, self.run.channels_last)
+                               torch.Generator(device=device), torch.Generator(), self.scaler, self.run.channels_last)
         self.groups = self.task.groups()
         target = self.task.ema_target()
         if self.ema_config.enabled and target is not None:
@@ -211,6 +212,7 @@ class Trainer:
     def _seed_step(self) -> None:
         seed = step_seed(self.run.seed, self.info.rank, self.step)
         self.ctx.generator.manual_seed(seed)
+        self.ctx.cpu_generator.manual_seed(seed)
         torch.manual_seed(seed)  # dropout and anything else using the global generator
 
     def train_step(self, data: Iterator[Any]) -> dict[str, Tensor]:
@@ -269,6 +271,7 @@ class Trainer:
         data = self.batches_from(self.data_position)
         if self.step == 0:
             first = next(data)
+            self._seed_step()
             self.task.start(first, self.ctx)
             data = self.batches_from(self.data_position)  # the first batch is also trained on
         bar = None

@@ -7,18 +7,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ldm.config import to_dict
+from ldm import checkpoint as ckpt
 from ldm.models.autoencoder import AttnBlock, AutoencoderKL, ResnetBlock
 from ldm.train.config import VAETrainConfig
 from ldm.train.ema import EMA
-from ldm.train.export import averaged_state, write_model_file
+from ldm.train.export import averaged_state
 from ldm.train.grad_checkpoint import enable_gradient_checkpointing
 from ldm.train.loop import OptimGroup, StepContext
 from ldm.train.optim import make_optimizer
 from ldm.train.report import save_grid
 from ldm.train.vae_loss import VAELoss
-
-AUTOENCODER_PREFIX = "first_stage_model."
 
 
 class VAETask:
@@ -86,8 +84,8 @@ class VAETask:
     def export(self, path: Path, ema: EMA | None) -> None:
         """The VAE-only file: first_stage_model.* and {"autoencoder": config} (ldm.checkpoint layout)."""
         state = averaged_state(self.autoencoder, ema)
-        tensors = {AUTOENCODER_PREFIX + k: v for k, v in state.items()}
-        write_model_file(path, tensors, {"autoencoder": to_dict(self.config.autoencoder)})
+        tensors = {ckpt.PREFIXES["autoencoder"] + k: v for k, v in state.items()}
+        ckpt.write_checkpoint(path, tensors, ckpt.config_metadata(self.config.autoencoder))
 
     @torch.no_grad()
     def log_images(self, directory: Path, step: int, ema: EMA | None) -> None:

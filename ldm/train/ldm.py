@@ -1,0 +1,197 @@
+"""Stage 2: a text-conditioned U-Net on the frozen VAE's (scaled) latents."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ldm import checkpoint as ckpt
+from ldm.config import ConfigError, ModelConfig
+from ldm.diffusion.schedule import make_schedule, sd_buffers
+from ldm.models.autoencoder import DiagonalGaussian
+from ldm.pipeline import build_networks
+from ldm.train.config import LDMTrainConfig
+from ldm.train.diffusion_loss import LossTerms, diffusion_loss
+from ldm.train.distributed import DistInfo, all_reduce_mean
+from ldm.train.ema import EMA
+from ldm.train.loop import OptimGroup, StepContext
+from ldm.train.optim import make_optimizer
+from ldm.train.report import save_grid
+
+log = logging.getLogger(__name__)
+
+
+class DiffusionNet(nn.Module):
+    """What stage 2 trains: the U-Net and the text encoder (whose weights may be frozen)."""
+
+    def __init__(self, unet: nn.Module, text_encoder: nn.Module) -> None:
+        super().__init__()
+        self.unet, self.text_encoder = unet, text_encoder
+
+    def forward(self, x_t: Tensor, t: Tensor, tokens: Tensor) -> Tensor:
+        trainable = any(p.requires_grad for p in self.text_encoder.parameters())
+        with torch.set_grad_enabled(trainable and torch.is_grad_enabled()):
+            context = self.text_encoder(tokens)
+        return self.unet(x_t, t, context)
+
+
+def model_config_for(config: LDMTrainConfig, autoencoder_config) -> ModelConfig:
+    """The trained model's config: the YAML's U-Net/text/diffusion plus the VAE file's autoencoder."""
+    model = dataclasses.replace(config.model, autoencoder=autoencoder_config)
+    d = model.diffusion
+    expected = model.unet.in_channels * (2 if d.learned_variance else 1)
+    if model.unet.out_channels != expected:
+        raise ConfigError(f"model.unet.out_channels must be {expected} "
+                          f"({'2x ' if d.learned_variance else ''}in_channels with "
+                          f"learned_variance={d.learned_variance}), got {model.unet.out_channels}")
+    if config.data.size % 2 ** (len(autoencoder_config.ch_mult) - 1):
+        raise ConfigError(f"data.size {config.data.size} is not a multiple of the VAE's factor")
+    return model
+
+
+class LDMTask:
+    """One optimizer over the U-Net (and the text encoder when trainable)."""
+    title = "ldm"
+    export_name = "model.safetensors"
+
+    def __init__(self, config: LDMTrainConfig, info: DistInfo, cached: bool) -> None:
+        self.config, self.info, self.cached = config, info, cached
+        device = info.device
+        self.autoencoder, ae_config, _ = ckpt.load_autoencoder(config.ldm.vae, device=device)
+        self.autoencoder.requires_grad_(False)
+        self.model_config = model_config_for(config, ae_config)
+        if config.run.gradient_checkpointing:
+            self.model_config.unet.gradient_checkpointing = True
+        torch.manual_seed(config.run.seed)  # identical initial weights on every rank
+        _, unet, text_encoder = build_networks(self.model_config)
+        self.net = DiffusionNet(unet, text_encoder).to(device)
+        if config.run.channels_last:
+            self.net.unet.to(memory_format=torch.channels_last)
+        self.scale_factor = self.model_config.diffusion.scale_factor
+        self.schedule = make_schedule(self.model_config.diffusion)
+        self.terms = LossTerms.from_schedule(self.schedule, device)
+        params = [p for p in self.net.parameters() if p.requires_grad]
+        opt, sched = make_optimizer(params, config.optim, config.run.steps)
+        self._groups = [OptimGroup("model", params, opt, sched, config.optim.grad_clip)]
+
+    def modules(self) -> dict[str, nn.Module]:
+        """Checkpointed state: the U-Net and text encoder."""
+        return {"net": self.net}
+
+    def ema_target(self) -> nn.Module:
+        """EMA averages every trainable weight of the U-Net and text encoder."""
+        return self.net
+
+    def groups(self) -> list[OptimGroup]:
+        """The single optimizer."""
+        return self._groups
+
+    def _posterior(self, batch: Tensor, ctx: StepContext) -> DiagonalGaussian:
+        if self.cached:
+            return DiagonalGaussian(batch.to(ctx.device))
+        with torch.no_grad(), ctx.autocast():
+            return self.autoencoder.encode(ctx.to_device(batch))
+
+    @torch.no_grad()
+    def start(self, batch: tuple[Tensor, list[str]], ctx: StepContext) -> None:
+        """scale_by_std: 1 / std of the first (global) batch's latents, as LDM does."""
+        if not self.config.ldm.scale_by_std:
+            return
+        z = self._posterior(batch[0], ctx).sample(ctx.generator).float()
+        moments = all_reduce_mean(torch.stack([z.mean(), z.pow(2).mean()]), self.info)
+        std = (moments[1] - moments[0] ** 2).clamp(min=1e-12).sqrt()
+        self.scale_factor = float(1.0 / std)
+        log.info("scale_by_std: latent std %.4f -> scale_factor %.5f", float(std), self.scale_factor)
+
+    def micro_step(self, batch: tuple[Tensor, list[str]], step: int, ctx: StepContext) -> dict[str, Tensor]:
+        """Noise the latents at random timesteps and regress the configured target."""
+        images, captions = batch
+        c, d = self.config.ldm, self.model_config.diffusion
+        z = self._posterior(images, ctx).sample(ctx.generator).float() * self.scale_factor
+        if ctx.channels_last:
+            z = z.contiguous(memory_format=torch.channels_last)
+        b = z.shape[0]
+        drop = torch.rand(b, generator=ctx.cpu_generator) < c.caption_dropout
+        captions = ["" if dropped else text for text, dropped in zip(captions, drop.tolist())]
+        tokens = self.net.text_encoder.tokenize(captions).to(ctx.device)
+        t = torch.randint(0, self.schedule.num_timesteps, (b,), generator=ctx.generator, device=ctx.device)
+        noise = torch.randn(z.shape, generator=ctx.generator, device=ctx.device)
+        if c.noise_offset:
+            # a per-channel constant shift lets the model change overall brightness (noise offset)
+            noise = noise + c.noise_offset * torch.randn((b, z.shape[1], 1, 1), generator=ctx.generator,
+                                                         device=ctx.device)
+        x_t = self.terms.at("a", t) * z + self.terms.at("s", t) * noise
+        with ctx.autocast():
+            output = self.net(x_t, t, tokens)
+        loss, logs = diffusion_loss(self.terms, output, z, noise, x_t, t, d.prediction_type,
+                                    d.learned_variance, c.min_snr_gamma, c.vlb_weight,
+                                    self.schedule.num_timesteps)
+        ctx.backward(loss, self._groups[0].params)
+        return logs
+
+    def extra_state(self) -> dict[str, Any]:
+        """The latent scale factor (fixed by the first batch of the fresh run)."""
+        return {"scale_factor": self.scale_factor}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        """Restore the scale factor so a resumed run uses the original one."""
+        self.scale_factor = float(state["scale_factor"])
+
+    def final_config(self) -> ModelConfig:
+        """The model config with the measured scale factor inside."""
+        diffusion = dataclasses.replace(self.model_config.diffusion, scale_factor=self.scale_factor)
+        return dataclasses.replace(self.model_config, diffusion=diffusion)
+
+    def export(self, path: Path, ema: EMA | None) -> None:
+        """A full checkpoint (SD layout, config inside) with the EMA weights when EMA is on."""
+        def write() -> None:
+            tensors = ckpt.collect_state_dict(self.autoencoder, self.net.unet, self.net.text_encoder,
+                                              sd_buffers(self.schedule))
+            ckpt.write_checkpoint(path, tensors, ckpt.config_metadata(self.final_config()))
+        if ema is not None:
+            with ema.swapped_in(self.net):
+                write()
+        else:
+            write()
+
+    @torch.no_grad()
+    def log_images(self, directory: Path, step: int, ema: EMA | None) -> None:
+        """Samples for the fixed prompts (EMA weights), one row per prompt."""
+        prompts = self.config.ldm.sample_prompts
+        if not prompts:
+            return
+        try:
+            from ldm import generate
+            from ldm.pipeline import Pipeline
+        except ImportError:
+            log.warning("ldm.generate is not available; no sample grid")
+            return
+        was_training = self.net.training
+        self.net.eval()
+        context = ema.swapped_in(self.net) if ema is not None else _null()
+        with context:
+            pipe = Pipeline(self.autoencoder, self.net.unet, self.net.text_encoder,
+                            self.final_config(), device=self.info.device)
+            images = generate.txt2img(pipe, prompts, height=self.config.data.size,
+                                      width=self.config.data.size, steps=self.config.ldm.sample_steps,
+                                      guidance_scale=self.config.ldm.guidance_scale, seed=0)
+        self.net.train(was_training)
+        save_grid(_as_tensor(images), directory / f"samples_{step:07d}.png", ncols=len(prompts))
+
+
+def _null():
+    import contextlib
+    return contextlib.nullcontext()
+
+
+def _as_tensor(images: Any) -> Tensor:
+    """generate.txt2img's output as [N, 3, H, W] in [-1, 1]."""
+    if isinstance(images, Tensor):
+        return images if images.min() < 0 else images * 2 - 1
+    import numpy as np
+    arrays = [np.asarray(im, dtype=np.float32) / 127.5 - 1.0 for im in images]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
