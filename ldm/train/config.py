@@ -148,6 +148,10 @@ def validate(config: VAETrainConfig | LDMTrainConfig) -> None:
         raise ConfigError(f"ema.decay must be in [0, 1), got {config.ema.decay}")
     if config.data.size < 8:
         raise ConfigError(f"data.size must be >= 8, got {config.data.size}")
+    if isinstance(config, VAETrainConfig) and config.loss.disc_start >= 0:
+        if config.data.size // 2 ** config.loss.disc_layers < 3:
+            raise ConfigError(f"data.size {config.data.size} is too small for a {config.loss.disc_layers}-layer "
+                              "discriminator; lower loss.disc_layers")
     if isinstance(config, LDMTrainConfig):
         if not 0.0 <= config.ldm.caption_dropout <= 1.0:
             raise ConfigError(f"ldm.caption_dropout must be in [0, 1], got {config.ldm.caption_dropout}")
