@@ -27,18 +27,28 @@ _LAYERS_FROM_END = {"last": 0, "penultimate": 1}
 class PromptTokenizer:
     """CLIP BPE (open_clip's SimpleTokenizer): [sot] tokens [eot] then padding, truncated."""
 
+    SOT, EOT = 49406, 49407  # <|startoftext|>, <|endoftext|> in CLIP's BPE vocabulary
+
     def __init__(self, context_length: int = 77, pad_with_eot: bool = False) -> None:
-        from open_clip.tokenizer import SimpleTokenizer
-        self.bpe = SimpleTokenizer(context_length=context_length)
         self.context_length = context_length
         # open_clip pads with 0; HF's CLIPTokenizer (SD 1.x) pads with <|endoftext|>.
-        self.pad_id = self.bpe.eot_token_id if pad_with_eot else 0
+        self.pad_id = self.EOT if pad_with_eot else 0
+        self._bpe = None  # loading the BPE vocabulary takes a while: only when first needed
+
+    @property
+    def bpe(self):  # noqa: ANN201 - open_clip's SimpleTokenizer
+        """open_clip's SimpleTokenizer (bundled vocabulary; never downloads)."""
+        if self._bpe is None:
+            from open_clip.tokenizer import SimpleTokenizer
+            self._bpe = SimpleTokenizer(context_length=self.context_length)
+            assert (self._bpe.sot_token_id, self._bpe.eot_token_id) == (self.SOT, self.EOT)
+        return self._bpe
 
     def __call__(self, prompts: list[str]) -> Tensor:
         """Token ids [B, context_length]; warns once per prompt that had to be truncated."""
         if isinstance(prompts, str):
             prompts = [prompts]
-        sot, eot, room = self.bpe.sot_token_id, self.bpe.eot_token_id, self.context_length - 2
+        sot, eot, room = self.SOT, self.EOT, self.context_length - 2
         out = torch.full((len(prompts), self.context_length), self.pad_id, dtype=torch.long)
         for i, prompt in enumerate(prompts):
             ids = self.bpe.encode(prompt)
