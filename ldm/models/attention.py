@@ -89,11 +89,10 @@ class SpatialTransformer(nn.Module):
     """Image-shaped transformer: norm, proj_in (1x1 conv or linear), blocks, proj_out, residual."""
 
     def __init__(self, channels: int, heads: int, dim_head: int, context_dim: int,
-                 depth: int = 1, use_linear: bool = False, dropout: float = 0.0,
-                 checkpointing: bool = False) -> None:
+                 depth: int = 1, use_linear: bool = False, dropout: float = 0.0) -> None:
         super().__init__()
         inner = heads * dim_head
-        self.use_linear, self.checkpointing = use_linear, checkpointing
+        self.use_linear = use_linear
         # SD's attention.Normalize: GroupNorm(32, eps=1e-6), no SiLU (not the U-Net's 1e-5).
         self.norm = GroupNormSiLU(channels, 32, eps=1e-6, silu=False)
         if use_linear:  # SD 2.x
@@ -115,10 +114,7 @@ class SpatialTransformer(nn.Module):
         if self.use_linear:
             x = self.proj_in(x)
         for block in self.transformer_blocks:
-            if self.checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(block, x, context, use_reentrant=False)
-            else:
-                x = block(x, context)
+            x = block(x, context)
         if self.use_linear:
             x = self.proj_out(x)
         x = x.transpose(1, 2).reshape(b, -1, h, w)

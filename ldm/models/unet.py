@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from ldm.config import ConfigError, UNetConfig
@@ -78,8 +79,7 @@ class UNetModel(nn.Module):
             else:
                 heads, dim_head = ch // c.num_head_channels, c.num_head_channels
             return SpatialTransformer(ch, heads, dim_head, c.context_dim, c.transformer_depth,
-                                      c.use_linear_in_transformer, c.dropout,
-                                      c.gradient_checkpointing)
+                                      c.use_linear_in_transformer, c.dropout)
 
         self.input_blocks = nn.ModuleList(
             [TimestepSequential(nn.Conv2d(c.in_channels, mc, 3, padding=1))])
@@ -120,11 +120,19 @@ class UNetModel(nn.Module):
         dtype = self.out[2].weight.dtype
         emb = self.time_embed(timestep_embedding(timesteps, self.config.model_channels).to(dtype))
         h, context = x.to(dtype), context.to(dtype)
+        # Gradient checkpointing: recompute each block's activations in the backward pass.
+        recompute = self.config.gradient_checkpointing and self.training and torch.is_grad_enabled()
+
+        def run(block: nn.Module, h: Tensor) -> Tensor:
+            if recompute:
+                return torch.utils.checkpoint.checkpoint(block, h, emb, context, use_reentrant=False)
+            return block(h, emb, context)
+
         skips = []
         for block in self.input_blocks:
-            h = block(h, emb, context)
+            h = run(block, h)
             skips.append(h)
-        h = self.middle_block(h, emb, context)
+        h = run(self.middle_block, h)
         for block in self.output_blocks:
-            h = block(torch.cat([h, skips.pop()], dim=1), emb, context)
+            h = run(block, torch.cat([h, skips.pop()], dim=1))
         return self.out(h).to(x.dtype)
