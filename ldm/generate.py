@@ -1,0 +1,138 @@
+"""Sampling with a Pipeline: latents from contexts (`sample`) and images from prompts (`txt2img`).
+
+`Pipeline.sample` and `Pipeline.txt2img` delegate here. Seeds are per image: image k of a batch
+made with `seed` equals the single image made with `seed + k`.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import torch
+from PIL import Image
+from torch import Tensor
+
+from ldm.diffusion.denoiser import Denoiser, parse_prediction_type
+from ldm.diffusion.guidance import classifier_free_guidance
+from ldm.diffusion.noise import Generators, randn, seeded_generators
+from ldm.diffusion.samplers import get_sampler, sample as run_sampler
+from ldm.diffusion.timesteps import check_steps
+from ldm.errors import LdmError
+
+if TYPE_CHECKING:
+    from ldm.pipeline import Pipeline
+
+MAX_GUIDANCE_SCALE = 100.0  # beyond this guidance only produces saturated noise
+
+
+class SamplingError(LdmError, ValueError):
+    """Bad sampling arguments (steps, sampler, guidance, sizes, shapes)."""
+
+
+def check_sampling_args(pipe: "Pipeline", steps: int, sampler: str, guidance_scale: float,
+                        eta: float | None) -> None:
+    """Validate user-facing sampling arguments, each failure one clear SamplingError line."""
+    try:
+        get_sampler(sampler)
+        check_steps(steps, pipe.schedule.num_timesteps)
+    except ValueError as err:
+        raise SamplingError(str(err)) from None
+    if not (isinstance(guidance_scale, (int, float)) and math.isfinite(guidance_scale)
+            and 0 <= guidance_scale <= MAX_GUIDANCE_SCALE):
+        raise SamplingError(f"guidance scale must be a number in 0..{MAX_GUIDANCE_SCALE:g}, "
+                            f"got {guidance_scale}")
+    if eta is not None and not (math.isfinite(eta) and 0 <= eta <= 1):
+        raise SamplingError(f"eta must be in 0..1, got {eta}")
+
+
+def make_denoiser(pipe: "Pipeline", context: Tensor, uncond_context: Tensor | None,
+                  guidance_scale: float, guidance_rescale: float = 0.0) -> Denoiser:
+    """The pipeline's U-Net as a (guided) Denoiser for `context` [B, L, D]."""
+    diffusion = pipe.config.diffusion
+    context = context.to(pipe.device, pipe.dtype)
+    if uncond_context is not None:
+        uncond_context = uncond_context.to(pipe.device, pipe.dtype)
+        if uncond_context.shape[0] == 1 and context.shape[0] > 1:
+            uncond_context = uncond_context.expand_as(context)
+    return classifier_free_guidance(
+        pipe.unet, context, uncond_context, guidance_scale,
+        prediction_type=parse_prediction_type(diffusion.prediction_type),
+        learned_variance=diffusion.learned_variance, guidance_rescale=guidance_rescale)
+
+
+def sample(pipe: "Pipeline", context: Tensor, uncond_context: Tensor | None, x_T: Tensor,
+           steps: int = 50, sampler: str = "ddim", eta: float | None = 0.0,
+           guidance_scale: float = 7.5, noise: Tensor | None = None,
+           callback: Callable[[int, Tensor, Tensor], None] | None = None, *,
+           generator: Generators = None, guidance_rescale: float = 0.0) -> Tensor:
+    """Denoise x_T [B, C, h, w] into the final latent (still scaled by the latent scale factor).
+
+    noise: optional [steps, *x_T.shape] per-step noise of stochastic samplers (else drawn from
+    `generator`); eta: DDIM/Euler-ancestral stochasticity, None for the sampler's default (only
+    0 is accepted by deterministic samplers); callback(i, x, denoised) after every step.
+    """
+    check_sampling_args(pipe, steps, sampler, guidance_scale, eta)
+    if sampler != "ddim" and eta == 0.0:
+        eta = None  # the API default; other samplers keep their own default
+    if x_T.ndim != 4 or x_T.shape[1] != pipe.latent_channels:
+        raise SamplingError(f"x_T must be [B, {pipe.latent_channels}, h, w], got {list(x_T.shape)}")
+    if context.shape[0] != x_T.shape[0]:
+        raise SamplingError(f"context batch {context.shape[0]} must equal x_T batch {x_T.shape[0]}")
+    denoiser = make_denoiser(pipe, context, uncond_context, guidance_scale, guidance_rescale)
+    with torch.inference_mode():
+        try:
+            return run_sampler(sampler, denoiser, x_T.to(pipe.device, pipe.dtype), pipe.schedule,
+                               steps, eta=eta, noise=noise, generator=generator, callback=callback)
+        except ValueError as err:  # argument problems found by the sampler (noise shape, ...)
+            raise SamplingError(str(err)) from None
+
+
+def default_image_size(pipe: "Pipeline") -> int:
+    """Native image side: 64 latent pixels for SD-scale U-Nets (512 for SD), else the VAE's
+    training resolution (the config stores no separate sampling size)."""
+    if pipe.config.unet.model_channels >= 320:
+        return 64 * pipe.downsampling_factor
+    return pipe.config.autoencoder.resolution
+
+
+def check_image_size(pipe: "Pipeline", height: int, width: int) -> None:
+    """Height and width must be positive multiples of the autoencoder's factor."""
+    factor = pipe.downsampling_factor
+    for name, value in (("height", height), ("width", width)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < factor or value % factor:
+            raise SamplingError(f"{name} must be a positive multiple of {factor} (the latent "
+                                f"factor of this model), got {value}")
+
+
+def latents_to_images(pipe: "Pipeline", latents: Tensor) -> list[Image.Image]:
+    """Decode scaled latents to 8-bit RGB images (decoder output [-1, 1] clamped)."""
+    with torch.inference_mode():
+        pixels = pipe.decode_latents(latents).float().clamp(-1, 1)
+    array = ((pixels + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(a) for a in array]
+
+
+def txt2img(pipe: "Pipeline", prompt: str, negative_prompt: str = "", height: int | None = None,
+            width: int | None = None, steps: int = 50, sampler: str = "ddim",
+            guidance_scale: float = 7.5, eta: float | None = None, seed: int = 0,
+            num_images: int = 1, callback: Callable[[int, Tensor, Tensor], None] | None = None,
+            guidance_rescale: float = 0.0) -> list[Image.Image]:
+    """Images for `prompt`; image k uses seed + k for its start noise and per-step noise."""
+    height = default_image_size(pipe) if height is None else height
+    width = default_image_size(pipe) if width is None else width
+    check_image_size(pipe, height, width)
+    check_sampling_args(pipe, steps, sampler, guidance_scale, eta)
+    if not isinstance(num_images, int) or num_images < 1:
+        raise SamplingError(f"num_images must be >= 1, got {num_images}")
+    with torch.inference_mode():
+        context = pipe.encode_prompt([prompt] * num_images)
+        uncond = pipe.encode_prompt([negative_prompt] * num_images) if guidance_scale != 1 else None
+    factor = pipe.downsampling_factor
+    generators = seeded_generators(seed, num_images)  # CPU: same numbers on every device
+    shape = (num_images, pipe.latent_channels, height // factor, width // factor)
+    x_T = randn(shape, generators, pipe.device, pipe.dtype)
+    latents = sample(pipe, context, uncond, x_T, steps=steps, sampler=sampler, eta=eta,
+                     guidance_scale=guidance_scale, callback=callback, generator=generators,
+                     guidance_rescale=guidance_rescale)
+    return latents_to_images(pipe, latents)
