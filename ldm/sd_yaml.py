@@ -169,18 +169,17 @@ def _text_encoder(cfg: dict[str, Any], base_dir: Path, where: str,
     raise ConfigError(f"{where}.target {target!r} is not FrozenOpenCLIPEmbedder or FrozenCLIPEmbedder")
 
 
-def _open_clip_arch(arch: str, base_dir: Path, where: str) -> dict[str, Any]:
-    """open_clip model config by name: a `<arch>.json` beside the YAML, else open_clip's registry."""
+def _open_clip_arch(arch: str, base_dir: Path, where: str) -> dict[str, Any] | None:
+    """A `<arch>.json` beside the YAML (embedded), else None: a name in open_clip's registry."""
     local = base_dir / f"{arch}.json"
     if local.is_file():
         cfg = json.loads(local.read_text())
-    else:
-        import open_clip
-        cfg = open_clip.get_model_config(arch)
-        if cfg is None:
-            raise ConfigError(f"{where}: open_clip architecture {arch!r} is unknown; put "
-                              f"{arch}.json (an open_clip model config) beside the YAML")
-    return {k: v for k, v in cfg.items() if k != "vision_cfg"}  # the text tower is all we build
+        return {k: v for k, v in cfg.items() if k != "vision_cfg"}  # we build the text tower only
+    import open_clip
+    if open_clip.get_model_config(arch) is None:
+        raise ConfigError(f"{where}: open_clip architecture {arch!r} is unknown; put "
+                          f"{arch}.json (an open_clip model config) beside the YAML")
+    return None
 
 
 def _hf_clip_arch(version: str, base_dir: Path, where: str) -> dict[str, Any] | None:

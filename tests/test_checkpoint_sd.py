@@ -1,0 +1,112 @@
+"""SD inference YAML translation, family detection and mismatch hints against the fixtures."""
+from pathlib import Path
+
+import pytest
+import yaml
+
+import ldm
+from ldm import checkpoint as ckpt
+from ldm.config import ConfigError
+from ldm.errors import CheckpointError
+from ldm.pipeline import resolve_config
+from ldm.presets import sd1, sd2
+from ldm.sd_yaml import load_sd_yaml, translate_sd_yaml
+
+FIXTURES = Path("/work/shared/fixtures")
+SD2_YAML = FIXTURES / "sd2_dev" / "tiny_dev.yaml"
+SD1_YAML = FIXTURES / "sd1_dev" / "tiny_sd1.yaml"
+pytestmark = pytest.mark.skipif(not FIXTURES.is_dir(), reason="reference fixtures not present")
+
+
+def _v2_inference(parameterization: str | None = None) -> dict:
+    """The networks part of Stability-AI's v2-inference(-v).yaml, as a mapping."""
+    params = {
+        "linear_start": 0.00085, "linear_end": 0.012, "timesteps": 1000, "scale_factor": 0.18215,
+        "num_timesteps_cond": 1, "log_every_t": 200, "first_stage_key": "jpg",
+        "cond_stage_key": "txt", "image_size": 64, "channels": 4, "cond_stage_trainable": False,
+        "conditioning_key": "crossattn", "monitor": "val/loss_simple_ema", "use_ema": False,
+        "unet_config": {"target": "ldm.modules.diffusionmodules.openaimodel.UNetModel", "params": {
+            "use_checkpoint": True, "use_fp16": True, "image_size": 32, "in_channels": 4,
+            "out_channels": 4, "model_channels": 320, "attention_resolutions": [4, 2, 1],
+            "num_res_blocks": 2, "channel_mult": [1, 2, 4, 4], "num_head_channels": 64,
+            "use_spatial_transformer": True, "use_linear_in_transformer": True,
+            "transformer_depth": 1, "context_dim": 1024, "legacy": False}},
+        "first_stage_config": {"target": "ldm.models.autoencoder.AutoencoderKL", "params": {
+            "embed_dim": 4, "monitor": "val/rec_loss",
+            "ddconfig": {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3,
+                         "out_ch": 3, "ch": 128, "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2,
+                         "attn_resolutions": [], "dropout": 0.0},
+            "lossconfig": {"target": "torch.nn.Identity"}}},
+        "cond_stage_config": {"target": "ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder",
+                              "params": {"freeze": True, "layer": "penultimate"}},
+    }
+    if parameterization:
+        params["parameterization"] = parameterization
+    return {"model": {"base_learning_rate": 1e-4,
+                      "target": "ldm.models.diffusion.ddpm.LatentDiffusion", "params": params}}
+
+
+def test_v2_inference_yaml_equals_our_sd2_config():
+    assert translate_sd_yaml(_v2_inference()) == sd2()
+    assert translate_sd_yaml(_v2_inference("v")) == sd2("v")
+
+
+def test_tiny_yaml_translation():
+    sd2_cfg = load_sd_yaml(SD2_YAML)
+    assert sd2_cfg.text_encoder.kind == "open_clip" and sd2_cfg.text_encoder.layer == "penultimate"
+    assert sd2_cfg.text_encoder.arch_config["text_cfg"]["width"] == 64  # from the JSON beside it
+    assert sd2_cfg.unet.num_head_channels == 16 and sd2_cfg.unet.use_linear_in_transformer
+    assert sd2_cfg.diffusion.beta_schedule == "scaled_linear"  # SD's "linear" is sqrt-linear
+    sd1_cfg = load_sd_yaml(SD1_YAML)
+    assert sd1_cfg.text_encoder.kind == "hf_clip" and sd1_cfg.text_encoder.arch_config["hidden_size"] == 48
+    assert sd1_cfg.unet.num_heads == 4 and sd1_cfg.autoencoder.ch_mult == [1, 2]
+
+
+def test_sd_yaml_unknown_key_is_one_clear_error(tmp_path):
+    data = yaml.safe_load(SD2_YAML.read_text())
+    data["model"]["params"]["unet_config"]["params"]["use_fancy_thing"] = True
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match="unet_config: unsupported key.*use_fancy_thing") as err:
+        resolve_config(bad)
+    assert "\n" not in str(err.value)
+
+
+def test_unsupported_sd_option(tmp_path):
+    data = _v2_inference()
+    data["model"]["params"]["unet_config"]["params"]["use_scale_shift_norm"] = True
+    with pytest.raises(ConfigError, match="use_scale_shift_norm"):
+        translate_sd_yaml(data)
+
+
+def test_unknown_open_clip_arch_never_downloads(tmp_path):
+    data = _v2_inference()
+    data["model"]["params"]["cond_stage_config"]["params"]["arch"] = "no-such-arch"
+    with pytest.raises(ConfigError, match="no-such-arch.*beside the YAML"):
+        translate_sd_yaml(data, base_dir=tmp_path)
+
+
+def test_detect_family_and_presets():
+    tensors1, _ = ckpt.read_checkpoint(FIXTURES / "sd1_dev" / "tiny_sd1.safetensors")
+    tensors2, _ = ckpt.read_checkpoint(FIXTURES / "sd2_dev" / "tiny_dev.safetensors")
+    assert ckpt.detect_family(tensors1) == "sd1" and ckpt.detect_family(tensors2) == "sd2"
+    assert resolve_config(None, tensors1, {}) == sd1()
+    with pytest.warns(UserWarning, match="assuming SD 2.x"):
+        assert resolve_config(None, tensors2, {}) == sd2()
+
+
+def test_checkpoint_config_mismatch_names_keys_and_family():
+    with pytest.raises(CheckpointError) as err:
+        ldm.load_pipeline(FIXTURES / "sd1_dev" / "tiny_sd1.safetensors", config=SD2_YAML)
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert "missing key(s): " in msg and "cond_stage_model.model." in msg
+    assert "unexpected key(s): " in msg and "more)" in msg
+    assert msg.endswith("this looks like an SD 1.x checkpoint: use an SD 1.x config (configs/sd1.yaml)")
+
+
+def test_same_family_size_mismatch_lists_shapes():
+    # the tiny SD 2.x checkpoint with the full-size SD 2.x config: right family, wrong sizes
+    with pytest.raises(CheckpointError, match=r"mis-shaped key\(s\): .*\(model wants \[") as err:
+        ldm.load_pipeline(FIXTURES / "sd2_dev" / "tiny_dev.safetensors", config="sd2")
+    assert "looks like" not in str(err.value)
