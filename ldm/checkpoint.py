@@ -49,8 +49,11 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     with open(path, "rb") as f:
-        magic = f.read(2)
-    if magic == b"PK" or magic[:1] == b"\x80":  # torch zip archive / legacy pickle
+        head = f.read(9)
+    # safetensors: 8-byte little-endian header length, then the JSON header's "{". Checked
+    # first: a header length of 128 mod 256 starts with the byte 0x80 of a legacy pickle.
+    is_safetensors = len(head) == 9 and head[8:9] == b"{"
+    if not is_safetensors and (head[:2] == b"PK" or head[:1] == b"\x80"):  # torch zip / pickle
         return _read_torch(path), {}
     return _read_safetensors(path)
 
