@@ -109,6 +109,7 @@ class LDMStageConfig:
     vlb_weight: float = 0.001        # lambda of L_hybrid when diffusion.learned_variance
     cache_latents: bool = False      # encode the data set once, train on the cached moments
     sample_prompts: list[str] = field(default_factory=list)
+    samples_per_prompt: int = 4
     sample_steps: int = 30
     guidance_scale: float = 4.0
 

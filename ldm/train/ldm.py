@@ -1,16 +1,19 @@
 """Stage 2: a text-conditioned U-Net on the frozen VAE's (scaled) latents."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from ldm import checkpoint as ckpt
 from ldm.config import ConfigError, ModelConfig
+from ldm.errors import LdmError
 from ldm.diffusion.schedule import make_schedule, sd_buffers
 from ldm.models.autoencoder import DiagonalGaussian
 from ldm.pipeline import build_networks
@@ -160,38 +163,29 @@ class LDMTask:
 
     @torch.no_grad()
     def log_images(self, directory: Path, step: int, ema: EMA | None) -> None:
-        """Samples for the fixed prompts (EMA weights), one row per prompt."""
-        prompts = self.config.ldm.sample_prompts
-        if not prompts:
+        """Samples for the fixed prompts with the EMA weights: one row per prompt, fixed seeds."""
+        c = self.config.ldm
+        if not c.sample_prompts:
             return
-        try:
-            from ldm import generate
-            from ldm.pipeline import Pipeline
-        except ImportError:
-            log.warning("ldm.generate is not available; no sample grid")
-            return
+        from ldm import generate
+        from ldm.pipeline import Pipeline
         was_training = self.net.training
         self.net.eval()
-        context = ema.swapped_in(self.net) if ema is not None else _null()
-        with context:
-            pipe = Pipeline(self.autoencoder, self.net.unet, self.net.text_encoder,
-                            self.final_config(), device=self.info.device)
-            images = generate.txt2img(pipe, prompts, height=self.config.data.size,
-                                      width=self.config.data.size, steps=self.config.ldm.sample_steps,
-                                      guidance_scale=self.config.ldm.guidance_scale, seed=0)
-        self.net.train(was_training)
-        save_grid(_as_tensor(images), directory / f"samples_{step:07d}.png", ncols=len(prompts))
-
-
-def _null():
-    import contextlib
-    return contextlib.nullcontext()
-
-
-def _as_tensor(images: Any) -> Tensor:
-    """generate.txt2img's output as [N, 3, H, W] in [-1, 1]."""
-    if isinstance(images, Tensor):
-        return images if images.min() < 0 else images * 2 - 1
-    import numpy as np
-    arrays = [np.asarray(im, dtype=np.float32) / 127.5 - 1.0 for im in images]
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+        rows = []
+        try:
+            with ema.swapped_in(self.net) if ema is not None else contextlib.nullcontext():
+                pipe = Pipeline(self.autoencoder, self.net.unet, self.net.text_encoder,
+                                self.final_config(), device=self.info.device)
+                for prompt in c.sample_prompts:
+                    rows += generate.txt2img(pipe, prompt, height=self.config.data.size,
+                                             width=self.config.data.size, steps=c.sample_steps,
+                                             guidance_scale=c.guidance_scale, seed=0,
+                                             num_images=c.samples_per_prompt)
+        except LdmError as err:  # a sampling problem must not end a long training run
+            log.warning("no sample grid at step %d: %s", step, err)
+            return
+        finally:
+            self.net.train(was_training)
+        images = torch.stack([torch.from_numpy(np.asarray(im, dtype=np.float32)).permute(2, 0, 1)
+                              for im in rows]) / 127.5 - 1.0
+        save_grid(images, directory / f"samples_{step:07d}.png", ncols=c.samples_per_prompt)
