@@ -1,0 +1,146 @@
+"""txt2img: seeds per image, the script's files and PNG parameters, --from-png, bad input."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import ldm
+from ldm import generate
+from ldm.config import AutoencoderConfig, ModelConfig, TextEncoderConfig, UNetConfig
+from ldm.pipeline import Pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "txt2img.py"
+TINY_TEXT = {"vocab_size": 49408, "hidden_size": 32, "intermediate_size": 64,
+             "num_hidden_layers": 1, "num_attention_heads": 2, "max_position_embeddings": 77}
+
+
+def tiny_config() -> ModelConfig:
+    """A random model small enough for the CPU: 32x32 images, factor 2, 16x16 latents."""
+    return ModelConfig(
+        autoencoder=AutoencoderConfig(ch=32, ch_mult=[1, 2], num_res_blocks=1, resolution=32),
+        unet=UNetConfig(model_channels=32, channel_mult=[1, 2], num_res_blocks=1,
+                        attention_resolutions=[2], num_heads=2, context_dim=32),
+        text_encoder=TextEncoderConfig(kind="hf_clip", arch="tiny", arch_config=TINY_TEXT, layer="last"))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    pipe = Pipeline.from_config(tiny_config(), seed=5)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # undo the zero-init of output convs so images depend on the prompt
+        for p in pipe.unet.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=gen))
+    path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
+    pipe.save(path)
+    return ldm.load_pipeline(path), path
+
+
+def pixels(images):
+    return np.stack([np.asarray(im) for im in images]).astype(np.int16)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "euler_a"])
+def test_seed_reproduces_and_batch_image_k_is_seed_plus_k(tiny, sampler):
+    pipe, _ = tiny
+    kwargs = dict(steps=4, sampler=sampler, guidance_scale=3.0)
+    batch = pixels(generate.txt2img(pipe, "a red circle", seed=10, num_images=3, **kwargs))
+    assert batch.shape == (3, 32, 32, 3)
+    again = pixels(generate.txt2img(pipe, "a red circle", seed=10, num_images=3, **kwargs))
+    assert np.array_equal(batch, again)
+    for k in range(3):
+        single = pixels(generate.txt2img(pipe, "a red circle", seed=10 + k, **kwargs))[0]
+        assert np.abs(single - batch[k]).max() <= 1, k  # batched kernels may round differently
+    other = pixels(generate.txt2img(pipe, "a red circle", seed=11, **kwargs))[0]
+    assert not np.array_equal(other, batch[0])
+
+
+def test_api_rejects_bad_arguments(tiny):
+    pipe, _ = tiny
+    for kwargs, match in (({"height": 33}, "multiple of 2"), ({"steps": 0}, "steps"),
+                          ({"sampler": "heun"}, "unknown sampler"), ({"guidance_scale": -1}, "guidance"),
+                          ({"steps": 1001}, "1..1000")):
+        with pytest.raises(generate.SamplingError, match=match):
+            generate.txt2img(pipe, "x", **{"steps": 2, **kwargs})
+
+
+def run_script(*args, cwd=None):
+    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True,
+                          text=True, cwd=cwd or ROOT, timeout=600)
+
+
+def read_parameters(path):
+    with Image.open(path) as image:
+        return json.loads(image.text["parameters"])
+
+
+def test_script_writes_numbered_pngs_with_parameters_and_from_png_regenerates(tiny, tmp_path):
+    _, ckpt = tiny
+    out = tmp_path / "out"
+    args = ["--ckpt", ckpt, "--outdir", out, "--steps", 3, "--n_samples", 2, "--seed", 7,
+            "--prompt", "a blue square", "--negative-prompt", "blurry", "--scale", 4]
+    first = run_script(*args)
+    assert first.returncode == 0, first.stderr
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["00000.png", "00001.png"]
+    assert (out / "grid-0000.png").is_file() and str(out) in first.stdout
+    params = read_parameters(out / "samples" / "00001.png")
+    assert params["prompt"] == "a blue square" and params["negative_prompt"] == "blurry"
+    assert params["seed"] == 8 and params["sampler"] == "ddim" and params["steps"] == 3
+    assert params["scale"] == 4 and (params["height"], params["width"]) == (32, 32)
+    assert params["ldm_version"] == ldm.__version__ and len(params["model_hash"]) == 64
+    second = run_script(*args)  # never overwrites: numbering continues
+    assert second.returncode == 0, second.stderr
+    assert len(list((out / "samples").glob("*.png"))) == 4 and (out / "grid-0001.png").is_file()
+    again = run_script("--from-png", out / "samples" / "00001.png", "--outdir", tmp_path / "re")
+    assert again.returncode == 0, again.stderr
+    (regenerated,) = (tmp_path / "re" / "samples").glob("*.png")
+    with Image.open(regenerated) as a, Image.open(out / "samples" / "00001.png") as b:
+        assert a.tobytes() == b.tobytes()
+
+
+def test_script_bad_input_subprocess_is_one_line(tmp_path):
+    result = run_script("--prompt", "x", "--sampler", "heun", "--outdir", tmp_path / "o")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "heun" in result.stderr
+    assert not (tmp_path / "o").exists()
+
+
+BAD_INPUTS = [
+    (["--H", 33], "multiple of 2"),
+    (["--steps", 0], "--steps"),
+    (["--steps", 5000], "1..1000"),
+    (["--scale", -2], "--scale"),
+    (["--scale", 1e6], "--scale"),
+    (["--ddim_eta", 3], "--ddim_eta"),
+    (["--from-file", "EMPTY"], "no prompts"),
+    (["--from-png", "NOTPNG"], "cannot read"),
+    (["--ckpt", "MISSING"], "no such file"),
+    (["--config", str(ROOT / "configs" / "sd1.yaml")], ""),
+    (["--precision", "fp16", "--device", "cpu"], "fp16"),
+    (["--prompt", ""], "non-empty"),
+    (["--n_samples", 0], "n_samples"),
+]
+if not torch.cuda.is_available():
+    BAD_INPUTS.append((["--device", "cuda"], "no CUDA"))
+
+
+@pytest.mark.parametrize("extra,match", BAD_INPUTS, ids=[" ".join(map(str, e)) for e, _ in BAD_INPUTS])
+def test_script_bad_input_exits_2_without_files(tiny, tmp_path, capsys, extra, match):
+    sys.path.insert(0, str(SCRIPT.parent))
+    import txt2img as script
+    _, ckpt = tiny
+    (tmp_path / "EMPTY").write_text("\n  \n")
+    (tmp_path / "NOTPNG").write_text("not an image")
+    extra = [{"EMPTY": tmp_path / "EMPTY", "NOTPNG": tmp_path / "NOTPNG",
+              "MISSING": tmp_path / "missing.safetensors"}.get(str(e), e) for e in extra]
+    out = tmp_path / "out"
+    argv = ["--prompt", "a red circle", "--steps", 2, "--ckpt", ckpt, "--outdir", out, *extra]
+    assert script.main([str(a) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and match in err, err
+    assert not out.exists()
