@@ -19,10 +19,9 @@ def has_extension() -> bool:
     return True
 
 
-@functools.cache
-def has_kernel(op: str, device_type: str) -> bool:
-    """True when torch.ops.ldm.<op> has a kernel for this device type (e.g. no CUDA in a CPU build)."""
+def fused_device_types(op: str) -> frozenset[str]:
+    """Device types ("cpu", "cuda") for which torch.ops.ldm.<op> has a compiled kernel."""
     if not has_extension():
-        return False
-    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
-    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"ldm::{op}", key)
+        return frozenset()
+    return frozenset(device for device, key in (("cpu", "CPU"), ("cuda", "CUDA"))
+                     if torch._C._dispatch_has_kernel_for_dispatch_key(f"ldm::{op}", key))

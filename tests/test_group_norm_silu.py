@@ -4,12 +4,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ldm._extension import has_kernel
+from ldm._extension import fused_device_types
 from ldm.kernels import group_norm_silu, group_norm_silu_reference
 
-pytestmark = pytest.mark.skipif(not has_kernel("group_norm_silu", "cpu"),
+pytestmark = pytest.mark.skipif("cpu" not in fused_device_types("group_norm_silu"),
                                 reason="ldm._C is not built")
-op = torch.ops.ldm.group_norm_silu if has_kernel("group_norm_silu", "cpu") else None
+op = torch.ops.ldm.group_norm_silu if "cpu" in fused_device_types("group_norm_silu") else None
 
 # (shape, num_groups): U-Net-like, 1x1, odd 7x5, one channel per group, batch 1 with one
 # group (the split path: fewer slabs than threads), 1D and 3D spatial.

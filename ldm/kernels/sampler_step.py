@@ -28,7 +28,11 @@ import enum
 import torch
 from torch import Tensor
 
-from ldm._extension import has_extension
+from ldm._extension import fused_device_types, has_extension
+
+# Device types with a compiled kernel: a fact of the build, fixed once ldm._C is loaded
+# (a constant, so torch.compile folds the dispatch choice).
+_FUSED_DEVICES = fused_device_types("sampler_step")
 
 
 class PredictionType(enum.IntEnum):
@@ -106,6 +110,28 @@ def sampler_step(x: Tensor, model_output: Tensor, coeffs: Tensor, noise: Tensor 
                  prev: Tensor | None = None, prediction_type: int = PredictionType.EPS,
                  learned_variance: bool = False) -> tuple[Tensor, Tensor]:
     """Fused guided sampler step (see module docstring); returns (x_next, denoised x0)."""
-    # TODO(kernels): dispatch to torch.ops.ldm.sampler_step once the kernels land.
+    if x.device.type in _FUSED_DEVICES:
+        if coeffs.device != x.device or coeffs.dtype != torch.float32:
+            coeffs = coeffs.to(device=x.device, dtype=torch.float32)
+        return torch.ops.ldm.sampler_step(x, model_output, coeffs, noise, prev,
+                                          int(prediction_type), learned_variance)
     return sampler_step_reference(x, model_output, coeffs, noise, prev, int(prediction_type),
                                   learned_variance)
+
+
+def _fake_sampler_step(x: Tensor, model_output: Tensor, coeffs: Tensor, noise: Tensor | None,
+                       prev: Tensor | None, prediction_type: int,
+                       learned_variance: bool) -> tuple[Tensor, Tensor]:
+    """Shapes of (x_next, x0): contiguous tensors like x."""
+    batch, channels = x.shape[0], x.shape[1]
+    torch._check(model_output.shape[0] in (batch, 2 * batch) and model_output.shape[1] ==
+                 (2 * channels if learned_variance else channels),
+                 lambda: f"ldm::sampler_step: model_output shape {tuple(model_output.shape)} "
+                 f"does not match x {tuple(x.shape)}")
+    torch._check(coeffs.shape == (NUM_COEFFS,), lambda: "ldm::sampler_step: coeffs must be "
+                 f"[{NUM_COEFFS}], got {tuple(coeffs.shape)}")
+    return x.new_empty(x.shape), x.new_empty(x.shape)
+
+
+if has_extension():
+    torch.library.register_fake("ldm::sampler_step")(_fake_sampler_step)
