@@ -200,6 +200,9 @@ def test_zero_terminal_snr_v_prediction_trailing():
     assert torch.isfinite(out).all()
     exact = MU + VAR.sqrt() * x
     assert (out - exact).abs().max() < 0.1
+    with pytest.raises(ValueError, match="zero terminal SNR"):  # eps cannot denoise at abar = 0
+        samplers_module.sample_ddim(gaussian_denoiser(PredictionType.EPS, schedule), x, schedule, 10,
+                                    spacing="trailing")
 
 
 def _sampler_rows():

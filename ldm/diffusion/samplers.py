@@ -26,7 +26,7 @@ from ldm.diffusion.noise import Generators, randn
 from ldm.diffusion.schedule import Schedule
 from ldm.diffusion.timesteps import check_steps, sampling_sigmas, spaced_timesteps
 from ldm.kernels.sampler_step import (COEFF_A, COEFF_NOISE, COEFF_PREV, COEFF_S, COEFF_X,
-                                      sampler_step)
+                                      PredictionType, sampler_step)
 
 Callback = Callable[[int, Tensor, Tensor], None]
 
@@ -54,6 +54,14 @@ def _step_noise(noise: Tensor | None, generator: Generators, x: Tensor,
     return lambda i: randn(x.shape, generator, x.device, x.dtype) if needed[i] else None
 
 
+def _check_signal(denoiser: Denoiser, rows: Tensor) -> None:
+    """An eps prediction says nothing about x0 where alpha_bar = 0 (zero terminal SNR)."""
+    if denoiser.prediction_type == PredictionType.EPS and bool((rows[:, COEFF_A] == 0).any()):
+        raise ValueError("this schedule reaches zero terminal SNR (alpha_bar = 0) at a visited "
+                         "timestep, where an eps-prediction model cannot denoise; use v or x0 "
+                         "prediction, or a spacing that avoids t = T - 1")
+
+
 def _timestep(values: Tensor, i: int, batch: int) -> Tensor:
     """Timestep i of a device tensor, broadcast to the batch (a view, no host sync)."""
     return values[i].expand(batch)
@@ -62,6 +70,7 @@ def _timestep(values: Tensor, i: int, batch: int) -> Tensor:
 def _run_rows(denoiser: Denoiser, x: Tensor, timesteps: Tensor, rows: Tensor,
               noise: Tensor | None, generator: Generators, callback: Callback | None) -> Tensor:
     """The loop shared by single-evaluation, history-free samplers (DDPM, DDIM, Euler)."""
+    _check_signal(denoiser, rows)
     next_noise = _step_noise(noise, generator, x, rows)
     coeffs = rows.to(x.device)
     t = timesteps.to(x.device)
@@ -153,6 +162,7 @@ def sample_plms(denoiser: Denoiser, x: Tensor, schedule: Schedule, steps: int, *
     _check_eta("plms", eta)
     timesteps = spaced_timesteps(schedule.num_timesteps, steps, spacing)
     rows, first = plms_coefficients(schedule, timesteps, denoiser.guidance_scale)
+    _check_signal(denoiser, rows)
     coeffs, first, t = rows.to(x.device), first.to(x.device), timesteps.to(x.device)
     batch, kind, learned = x.shape[0], denoiser.prediction_type, denoiser.learned_variance
     history: list[Tensor] = []  # eps of earlier steps, newest first
