@@ -243,6 +243,30 @@ def check_no_meta(module: nn.Module, what: str) -> None:
         raise CheckpointError(f"{what}: {format_keys('unloaded', left)}")
 
 
+# ---------------------------------------------------------------- pretrained text towers
+
+# Keys of the other tower / heads in full CLIP files (open_clip and HF): not ours to load.
+_OTHER_CLIP_PARTS = ("visual.", "vision_model.", "visual_projection", "logit_bias")
+
+
+def load_text_encoder_weights(text_encoder: nn.Module, path: str | Path) -> None:
+    """Load a local pretrained text tower: an open_clip CLIP file (open_clip kind), an HF
+    CLIP(Text)Model file (hf_clip kind), or one of our / SD's checkpoints. Strict on its keys."""
+    tensors, _ = read_checkpoint(path)
+    ours = text_encoder.state_dict()
+    hf_position_ids = "transformer.text_model.embeddings.position_ids"
+    if hf_position_ids in ours:  # HF layout: text_model.* of a CLIPTextModel or CLIPModel
+        bare = {"transformer." + k: v for k, v in tensors.items() if k.startswith("text_model.")}
+    else:  # open_clip layout: a whole CLIP state dict minus the image tower
+        bare = {"model." + k: v for k, v in tensors.items() if not k.startswith(_OTHER_CLIP_PARTS)}
+    candidates = [part(tensors, "text_encoder"), bare]
+    found = max(candidates, key=lambda c: sum(k in ours for k in c))
+    if hf_position_ids in ours:
+        found.setdefault(hf_position_ids, ours[hf_position_ids])  # constant, often not saved
+        found = {k: v for k, v in found.items() if k in ours}  # drop CLIP-head extras
+    load_strict(text_encoder, found, f"text encoder weights {path}")
+
+
 # ---------------------------------------------------------------- stage-1 autoencoder
 
 

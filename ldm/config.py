@@ -67,6 +67,7 @@ class TextEncoderConfig:
     layer: str = "penultimate"              # "last" | "penultimate"
     max_length: int = 77
     trainable: bool = False
+    weights: str | None = None              # local pretrained text-tower file for fresh models
 
 
 @dataclass

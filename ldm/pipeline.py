@@ -90,6 +90,8 @@ class Pipeline:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             networks = build_networks(config)
+        if config.text_encoder.weights:
+            ckpt.load_text_encoder_weights(networks[2], config.text_encoder.weights)
         return cls(*networks, config=config, device=device, dtype=dtype)
 
     @classmethod

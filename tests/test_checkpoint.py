@@ -186,3 +186,41 @@ def test_write_checkpoint_rejects_non_string_metadata(tmp_path):
     with pytest.raises(CheckpointError, match="strings"):
         ckpt.write_checkpoint(tmp_path / "x.safetensors", {"a": torch.zeros(1)}, {"n": 3})
     assert not list(tmp_path.iterdir())
+
+
+def test_text_encoder_weights_from_local_files(saved, tmp_path):
+    from safetensors.torch import save_file
+    pipe, path = saved
+    # an HF CLIPModel-style file: text_model.* plus image-tower keys that must be ignored
+    hf = {k.removeprefix("transformer."): v.clone() + 1 for k, v in pipe.text_encoder.state_dict().items()}
+    hf["vision_model.embeddings.class_embedding"] = torch.zeros(4)
+    save_file(hf, tmp_path / "clip.safetensors")
+    cfg = tiny_config()
+    cfg.text_encoder.weights = str(tmp_path / "clip.safetensors")
+    fresh = Pipeline.from_config(cfg, seed=9)
+    key = "transformer.text_model.final_layer_norm.weight"
+    torch.testing.assert_close(fresh.text_encoder.state_dict()[key], hf[key.removeprefix("transformer.")])
+    # our own full checkpoint also works as a source of text-tower weights
+    cfg.text_encoder.weights = str(path)
+    torch.testing.assert_close(Pipeline.from_config(cfg).encode_prompt(["x"]), pipe.encode_prompt(["x"]))
+    # a file for another architecture is a clear error
+    save_file({"text_model.embeddings.token_embedding.weight": torch.zeros(10, 3)}, tmp_path / "bad.safetensors")
+    cfg.text_encoder.weights = str(tmp_path / "bad.safetensors")
+    with pytest.raises(CheckpointError, match="text encoder weights .*missing key"):
+        Pipeline.from_config(cfg)
+
+
+def test_open_clip_weights_from_clip_file(tmp_path):
+    from safetensors.torch import save_file
+
+    from ldm.models.text_encoder import build_text_encoder
+    arch = {"embed_dim": 16, "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32,
+                                          "heads": 2, "layers": 1}}
+    cfg = TextEncoderConfig(kind="open_clip", arch="t", arch_config=arch)
+    source = build_text_encoder(cfg)
+    clip = {k.removeprefix("model."): v + 0.5 for k, v in source.state_dict().items()}
+    clip["visual.proj"] = torch.zeros(2, 2)
+    save_file(clip, tmp_path / "open_clip.safetensors")
+    target = build_text_encoder(cfg)
+    ckpt.load_text_encoder_weights(target, tmp_path / "open_clip.safetensors")
+    torch.testing.assert_close(target.model.ln_final.bias, clip["ln_final.bias"])
