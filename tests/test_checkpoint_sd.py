@@ -51,6 +51,17 @@ def test_v2_inference_yaml_equals_our_sd2_config():
     assert translate_sd_yaml(_v2_inference("v")) == sd2("v")
 
 
+def test_v1_inference_yaml_equals_our_sd1_config():
+    data = _v2_inference()
+    params = data["model"]["params"]
+    params["unet_config"]["params"].update(num_heads=8, context_dim=768)
+    for key in ("num_head_channels", "use_linear_in_transformer", "use_fp16"):
+        del params["unet_config"]["params"][key]
+    params["cond_stage_config"] = {"target": "ldm.modules.encoders.modules.FrozenCLIPEmbedder"}
+    params["scheduler_config"] = {"target": "ldm.lr_scheduler.LambdaLinearScheduler"}
+    assert translate_sd_yaml(data) == sd1()
+
+
 def test_tiny_yaml_translation():
     sd2_cfg = load_sd_yaml(SD2_YAML)
     assert sd2_cfg.text_encoder.kind == "open_clip" and sd2_cfg.text_encoder.layer == "penultimate"
