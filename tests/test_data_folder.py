@@ -73,3 +73,36 @@ def test_sharded_batches_split_the_global_batch_and_resume():
     assert sorted(epoch0) == list(range(10))
     with pytest.raises(ValueError, match="divisible"):
         ShardedBatches(10, 3, world_size=2)
+
+
+def _write_shards(root, shards=2, per_shard=5):
+    import io
+    import webdataset as wds
+    root.mkdir(parents=True, exist_ok=True)
+    for s in range(shards):
+        with wds.TarWriter(str(root / f"shard-{s:03d}.tar")) as writer:
+            for i in range(per_shard):
+                buf = io.BytesIO()
+                Image.new("RGB", (20, 18), (40 * i, 100 * s, 90)).save(buf, format="PNG")
+                writer.write({"__key__": f"{s}_{i}", "png": buf.getvalue(), "txt": f"image {s} {i}"})
+    return root
+
+
+def test_webdataset_shards_stream_per_rank_and_resume(tmp_path):
+    from ldm.data.webdataset import ShardStream
+    from ldm.train.config import DataConfig
+    root = _write_shards(tmp_path / "shards")
+    config = DataConfig(kind="webdataset", path=str(root / "shard-{000..001}.tar"), size=16, flip=True)
+    stream = ShardStream(config, 4, seed=1)
+    it = stream.batches_from(0)
+    batches = [next(it) for _ in range(4)]
+    images, captions = batches[0]
+    assert images.shape == (4, 3, 16, 16) and all(c.startswith("image ") for c in captions)
+    resumed = next(ShardStream(config, 4, seed=1).batches_from(3))
+    assert torch.equal(resumed[0], batches[3][0]) and resumed[1] == batches[3][1]
+    # two ranks read disjoint shards
+    rank_caps = [set(c for _, caps in [next(ShardStream(config, 4, 1, r, 2).batches_from(0))] for c in caps)
+                 for r in range(2)]
+    assert {c.split()[1] for c in rank_caps[0]} == {"0"} and {c.split()[1] for c in rank_caps[1]} == {"1"}
+    with pytest.raises(DataError, match="no WebDataset shards"):
+        ShardStream(DataConfig(kind="webdataset", path=str(tmp_path / "none-{0..1}.tar")), 4, 0)
