@@ -143,3 +143,17 @@ def test_bfloat16_forward_close_to_float32():
     out = unet.to(torch.bfloat16)(x, t, ctx)
     assert out.dtype == torch.float32  # returns the input's dtype
     assert (out - ref).abs().max() <= 0.05 * ref.abs().max()
+
+
+def test_text_encoder_config_errors():
+    from ldm.config import ConfigError
+    from ldm.models.text_encoder import build_text_encoder
+    arch = {"embed_dim": 8, "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 8,
+                                         "heads": 2, "layers": 1}}
+    with pytest.raises(ConfigError, match="max_length 77 exceeds the tower's context_length 16"):
+        build_text_encoder(TextEncoderConfig(kind="open_clip", arch_config=arch))
+    with pytest.raises(ConfigError, match="kind: 'bert'"):
+        build_text_encoder(TextEncoderConfig(kind="bert"))
+    with pytest.raises(ConfigError, match="layer: 'middle'"):
+        build_text_encoder(TextEncoderConfig(kind="open_clip", arch_config=arch, max_length=16,
+                                             layer="middle"))

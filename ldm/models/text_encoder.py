@@ -119,6 +119,10 @@ class OpenClipTextEncoder(_TextEncoderBase):
             if arch_config is None:
                 raise ConfigError(f"text_encoder.arch: {config.arch!r} is not in open_clip's "
                                   "registry; give its model config as text_encoder.arch_config")
+        positions = arch_config["text_cfg"].get("context_length", 77)
+        if config.max_length > positions:
+            raise ConfigError(f"text_encoder.max_length {config.max_length} exceeds the tower's "
+                              f"context_length {positions}")
         self.model = _OpenClipText(arch_config)
         self.tokenizer = PromptTokenizer(config.max_length)
         self._setup(config)
@@ -213,6 +217,9 @@ class HFClipTextEncoder(_TextEncoderBase):
                                "num_attention_heads", "max_position_embeddings") if k not in arch]
         if missing:
             raise ConfigError(f"text_encoder.arch_config lacks {', '.join(missing)}")
+        if config.max_length > arch["max_position_embeddings"]:
+            raise ConfigError(f"text_encoder.max_length {config.max_length} exceeds "
+                              f"max_position_embeddings {arch['max_position_embeddings']}")
         self.transformer = nn.Module()
         self.transformer.text_model = _HFTextModel(arch)
         self.tokenizer = PromptTokenizer(config.max_length, pad_with_eot=True)
