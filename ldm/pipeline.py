@@ -138,6 +138,15 @@ class Pipeline:
                 raise CheckpointError(f"{where}: schedule buffer {name!r} differs from the one "
                                       "config.diffusion gives (timesteps/beta schedule mismatch)")
 
+    def to(self, device: str | torch.device | None = None,
+           dtype: torch.dtype | None = None) -> "Pipeline":
+        """Move all three networks (in place) and return self."""
+        self.device = torch.device(device) if device is not None else self.device
+        self.dtype = dtype or self.dtype
+        for module in (self.autoencoder, self.unet, self.text_encoder):
+            module.to(device=self.device, dtype=self.dtype)
+        return self
+
     # ------------------------------------------------------------ the networks' faces
 
     def encode_prompt(self, prompts: list[str]) -> Tensor:

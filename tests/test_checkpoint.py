@@ -224,3 +224,14 @@ def test_open_clip_weights_from_clip_file(tmp_path):
     target = build_text_encoder(cfg)
     ckpt.load_text_encoder_weights(target, tmp_path / "open_clip.safetensors")
     torch.testing.assert_close(target.model.ln_final.bias, clip["ln_final.bias"])
+
+
+def test_pipeline_to_and_dtype_on_load(saved):
+    pipe, path = saved
+    half = ldm.load_pipeline(path, dtype=torch.bfloat16)
+    assert half.unet.out[2].weight.dtype == torch.bfloat16
+    assert half.encode_prompt(["a"]).dtype == torch.bfloat16
+    back = half.to(dtype=torch.float32)
+    assert back is half and half.autoencoder.decoder.conv_out.weight.dtype == torch.float32
+    z = torch.randn(1, 4, 16, 16)
+    torch.testing.assert_close(half.decode_latents(z), pipe.decode_latents(z), atol=0.1, rtol=0.05)

@@ -157,3 +157,15 @@ def test_text_encoder_config_errors():
     with pytest.raises(ConfigError, match="layer: 'middle'"):
         build_text_encoder(TextEncoderConfig(kind="open_clip", arch_config=arch, max_length=16,
                                              layer="middle"))
+
+
+def test_autoencoder_with_attention_levels():
+    cfg = AutoencoderConfig(ch=32, ch_mult=[1, 2], num_res_blocks=2, attn_resolutions=[8],
+                            resolution=16, z_channels=3, embed_dim=3)
+    vae = AutoencoderKL(cfg)
+    keys = vae.state_dict()
+    assert "encoder.down.1.attn.1.q.weight" in keys and "decoder.up.1.attn.2.proj_out.weight" in keys
+    assert "encoder.down.0.attn.0.q.weight" not in keys  # 16x16 level has none
+    posterior = vae.encode(torch.randn(1, 3, 16, 16))
+    assert posterior.mean.shape == (1, 3, 8, 8)
+    assert vae.decode(posterior.sample(torch.Generator().manual_seed(0))).shape == (1, 3, 16, 16)
