@@ -155,7 +155,7 @@ def config_from_metadata(metadata: dict[str, str]) -> ModelConfig | None:
 
 def detect_family(tensors: dict[str, Tensor]) -> str | None:
     """'sd1' (HF CLIP text encoder keys), 'sd2' (OpenCLIP keys) or None."""
-    if any(k.startswith("cond_stage_model.transformer.text_model.") for k in tensors):
+    if any(k.startswith("cond_stage_model.transformer.") for k in tensors):
         return "sd1"
     if any(k.startswith("cond_stage_model.model.") for k in tensors):
         return "sd2"
@@ -190,6 +190,27 @@ def part(tensors: dict[str, Tensor], name: str) -> dict[str, Tensor]:
     """The sub-dict of one network ('autoencoder', 'unet', 'text_encoder'), prefix removed."""
     prefix = PREFIXES[name]
     return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+HF_POSITION_IDS = "transformer.text_model.embeddings.position_ids"
+
+
+def text_encoder_weights(tensors: dict[str, Tensor], text_encoder: nn.Module) -> dict[str, Tensor]:
+    """The text encoder's sub-dict, tolerating what SD 1.x files in the wild differ by."""
+    weights = part(tensors, "text_encoder")
+    expected = text_encoder.state_dict()
+    if HF_POSITION_IDS not in expected:
+        return weights
+    # transformers < 4.? had no `text_model.` level: transformer.embeddings.* etc.
+    old = ("transformer.embeddings.", "transformer.encoder.", "transformer.final_layer_norm.")
+    weights = {("transformer.text_model." + k[len("transformer."):] if k.startswith(old) else k): v
+               for k, v in weights.items()}
+    ids = weights.get(HF_POSITION_IDS)
+    if ids is None:  # transformers >= 4.31 stopped saving this constant buffer
+        weights[HF_POSITION_IDS] = torch.arange(expected[HF_POSITION_IDS].shape[-1])[None]
+    elif ids.is_floating_point():  # some merged checkpoints hold it as (inexact) floats
+        weights[HF_POSITION_IDS] = ids.round().long()
+    return weights
 
 
 def ema_unet_weights(tensors: dict[str, Tensor], unet: nn.Module) -> dict[str, Tensor]:
@@ -254,15 +275,14 @@ def load_text_encoder_weights(text_encoder: nn.Module, path: str | Path) -> None
     CLIP(Text)Model file (hf_clip kind), or one of our / SD's checkpoints. Strict on its keys."""
     tensors, _ = read_checkpoint(path)
     ours = text_encoder.state_dict()
-    hf_position_ids = "transformer.text_model.embeddings.position_ids"
-    if hf_position_ids in ours:  # HF layout: text_model.* of a CLIPTextModel or CLIPModel
+    if HF_POSITION_IDS in ours:  # HF layout: text_model.* of a CLIPTextModel or CLIPModel
         bare = {"transformer." + k: v for k, v in tensors.items() if k.startswith("text_model.")}
     else:  # open_clip layout: a whole CLIP state dict minus the image tower
         bare = {"model." + k: v for k, v in tensors.items() if not k.startswith(_OTHER_CLIP_PARTS)}
     candidates = [part(tensors, "text_encoder"), bare]
     found = max(candidates, key=lambda c: sum(k in ours for k in c))
-    if hf_position_ids in ours:
-        found.setdefault(hf_position_ids, ours[hf_position_ids])  # constant, often not saved
+    if HF_POSITION_IDS in ours:
+        found.setdefault(HF_POSITION_IDS, torch.arange(ours[HF_POSITION_IDS].shape[-1])[None])
         found = {k: v for k, v in found.items() if k in ours}  # drop CLIP-head extras
     load_strict(text_encoder, found, f"text encoder weights {path}")
 

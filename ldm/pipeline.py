@@ -1,6 +1,7 @@
 """Pipeline: the only object holding the autoencoder, U-Net and text encoder together."""
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 from typing import Any
@@ -11,9 +12,6 @@ from torch import Tensor, nn
 from ldm import checkpoint as ckpt
 from ldm.config import ConfigError, ModelConfig, load_yaml
 from ldm.errors import CheckpointError, LdmError
-
-_POSITION_IDS = "transformer.text_model.embeddings.position_ids"
-
 
 def resolve_config(config: ModelConfig | str | Path | None,
                    tensors: dict[str, Tensor] | None = None,
@@ -35,7 +33,9 @@ def resolve_config(config: ModelConfig | str | Path | None,
             data = yaml.safe_load(path.read_text())
         except yaml.YAMLError as err:
             raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
-        return load_sd_yaml(path) if is_sd_yaml(data) else load_yaml(ModelConfig, path)
+        if is_sd_yaml(data):
+            return load_sd_yaml(path)
+        return _embed_arch_json(load_yaml(ModelConfig, path), path.parent)
     stored = ckpt.config_from_metadata(metadata or {})
     if stored is not None:
         return stored
@@ -48,6 +48,20 @@ def resolve_config(config: ModelConfig | str | Path | None,
         return PRESETS["sd2"]()
     raise CheckpointError("the checkpoint stores no config and its keys are not SD 1.x/2.x; "
                           "pass config= (our YAML or the SD inference YAML)")
+
+
+def _embed_arch_json(config: ModelConfig, base_dir: Path) -> ModelConfig:
+    """An open_clip `arch` given as a model-config JSON file is read into arch_config, so
+    checkpoints written from this config do not depend on that file."""
+    text = config.text_encoder
+    if text.kind == "open_clip" and text.arch_config is None and text.arch.endswith(".json"):
+        file = next((p for p in (base_dir / text.arch, Path(text.arch)) if p.is_file()), None)
+        if file is None:
+            raise ConfigError(f"text_encoder.arch: {text.arch} not found (relative to {base_dir})")
+        arch = json.loads(file.read_text())
+        text.arch_config = {k: v for k, v in arch.items() if k != "vision_cfg"}
+        text.arch = file.stem
+    return config
 
 
 def build_networks(config: ModelConfig) -> tuple[nn.Module, nn.Module, nn.Module]:
@@ -103,13 +117,9 @@ class Pipeline:
         config = resolve_config(config, tensors, metadata)
         with torch.device("meta"):  # no random init: every tensor comes from the file
             autoencoder, unet, text_encoder = build_networks(config)
-        weights = {name: ckpt.part(tensors, name) for name in ckpt.PREFIXES}
-        if use_ema:
-            weights["unet"] = ckpt.ema_unet_weights(tensors, unet)
-        if config.text_encoder.kind == "hf_clip" and _POSITION_IDS not in weights["text_encoder"]:
-            # transformers >= 4.31 stopped saving this constant buffer
-            n = config.text_encoder.max_length
-            weights["text_encoder"][_POSITION_IDS] = torch.arange(n)[None]
+        weights = {"autoencoder": ckpt.part(tensors, "autoencoder"),
+                   "unet": ckpt.ema_unet_weights(tensors, unet) if use_ema else ckpt.part(tensors, "unet"),
+                   "text_encoder": ckpt.text_encoder_weights(tensors, text_encoder)}
         modules = {"autoencoder": autoencoder, "unet": unet, "text_encoder": text_encoder}
         problems = [p for name, module in modules.items()
                     for p in ckpt.mismatch_report(module, weights[name], ckpt.PREFIXES[name])]

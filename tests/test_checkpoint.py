@@ -235,3 +235,22 @@ def test_pipeline_to_and_dtype_on_load(saved):
     assert back is half and half.autoencoder.decoder.conv_out.weight.dtype == torch.float32
     z = torch.randn(1, 4, 16, 16)
     torch.testing.assert_close(half.decode_latents(z), pipe.decode_latents(z), atol=0.1, rtol=0.05)
+
+
+def test_sd1_variants_in_the_wild(saved, tmp_path):
+    """Old transformers layout (no `text_model.`), float or absent position_ids."""
+    pipe, path = saved
+    tensors, metadata = ckpt.read_checkpoint(path)
+    key = "cond_stage_model." + ckpt.HF_POSITION_IDS
+    variants = {
+        "old_layout": {k.replace("transformer.text_model.", "transformer."): v for k, v in tensors.items()},
+        "float_ids": {**tensors, key: tensors[key].float() + 0.001},
+        "no_ids": {k: v for k, v in tensors.items() if k != key},
+    }
+    for name, variant in variants.items():
+        file = tmp_path / f"{name}.safetensors"
+        ckpt.write_checkpoint(file, variant, metadata)
+        if name == "old_layout":
+            assert ckpt.detect_family(variant) == "sd1"
+        loaded = ldm.load_pipeline(file)
+        torch.testing.assert_close(loaded.encode_prompt(["a cat"]), pipe.encode_prompt(["a cat"]))

@@ -121,3 +121,17 @@ def test_same_family_size_mismatch_lists_shapes():
     with pytest.raises(CheckpointError, match=r"mis-shaped key\(s\): .*\(model wants \[") as err:
         ldm.load_pipeline(FIXTURES / "sd2_dev" / "tiny_dev.safetensors", config="sd2")
     assert "looks like" not in str(err.value)
+
+
+def test_open_clip_arch_from_model_config_json(tmp_path):
+    import shutil
+    shutil.copy(FIXTURES / "sd2_dev" / "tiny-dev-openclip.json", tmp_path / "tower.json")
+    cfg = load_sd_yaml(SD2_YAML)
+    cfg.text_encoder.arch_config, cfg.text_encoder.arch = None, "tower.json"
+    from ldm.config import to_dict
+    (tmp_path / "model.yaml").write_text(yaml.safe_dump(to_dict(cfg)))
+    resolved = resolve_config(tmp_path / "model.yaml")
+    assert resolved.text_encoder.arch == "tower"
+    assert resolved.text_encoder.arch_config == load_sd_yaml(SD2_YAML).text_encoder.arch_config
+    pipe = ldm.load_pipeline(FIXTURES / "sd2_dev" / "tiny_dev.safetensors", config=tmp_path / "model.yaml")
+    assert pipe.encode_prompt(["a"]).shape == (1, 77, 64)
