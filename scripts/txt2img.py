@@ -75,11 +75,16 @@ def read_png_parameters(path: str) -> dict:
         raise UsageError(f"--from-png {path}: cannot read it as a PNG ({err})") from None
     if text is None:
         raise UsageError(f"--from-png {path}: has no '{PARAMETERS_KEY}' text chunk (not made by txt2img.py)")
+    types = {"prompt": str, "negative_prompt": str, "batch_seed": int, "batch_size": int,
+             "index": int, "steps": int, "sampler": str, "scale": (int, float),
+             "height": int, "width": int}
     try:
         params = json.loads(text)
-        params["prompt"], params["seed"], params["batch_size"]  # noqa: B018  (required keys)
+        valid = all(isinstance(params[key], kind) for key, kind in types.items())
     except (ValueError, KeyError, TypeError):
-        raise UsageError(f"--from-png {path}: its '{PARAMETERS_KEY}' chunk is not valid") from None
+        valid = False
+    if not valid or not 0 <= params["index"] < params["batch_size"]:
+        raise UsageError(f"--from-png {path}: its '{PARAMETERS_KEY}' chunk is not valid")
     return params
 
 

@@ -103,6 +103,29 @@ def test_script_writes_numbered_pngs_with_parameters_and_from_png_regenerates(ti
         assert a.tobytes() == b.tobytes()
 
 
+def test_from_png_refuses_other_model_and_bad_chunks(tiny, tmp_path, capsys):
+    sys.path.insert(0, str(SCRIPT.parent))
+    import txt2img as script
+    from PIL.PngImagePlugin import PngInfo
+    _, ckpt = tiny
+    params = {"prompt": "a red circle", "negative_prompt": "", "seed": 3, "batch_seed": 3,
+              "batch_size": 1, "index": 0, "steps": 2, "sampler": "ddim", "scale": 3.0, "eta": None,
+              "height": 32, "width": 32, "model_hash": "0" * 64, "precision": "fp32"}
+    cases = {"other_model": (params, "was made with model"),
+             "bad_types": ({**params, "steps": "many"}, "not valid"),
+             "no_json": ("{not json", "not valid")}
+    for name, (content, match) in cases.items():
+        info = PngInfo()
+        info.add_text("parameters", content if isinstance(content, str) else json.dumps(content))
+        png = tmp_path / f"{name}.png"
+        Image.new("RGB", (32, 32)).save(png, pnginfo=info)
+        out = tmp_path / f"out-{name}"
+        assert script.main(["--from-png", str(png), "--ckpt", str(ckpt), "--outdir", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and match in err, (name, err)
+        assert not out.exists()
+
+
 def test_script_bad_input_subprocess_is_one_line(tmp_path):
     result = run_script("--prompt", "x", "--sampler", "heun", "--outdir", tmp_path / "o")
     assert result.returncode == 2 and "Traceback" not in result.stderr
