@@ -13,6 +13,7 @@ from ldm import checkpoint as ckpt
 from ldm.config import ConfigError, ModelConfig, load_yaml
 from ldm.errors import CheckpointError, LdmError
 
+
 def resolve_config(config: ModelConfig | str | Path | None,
                    tensors: dict[str, Tensor] | None = None,
                    metadata: dict[str, str] | None = None) -> ModelConfig:
@@ -31,8 +32,8 @@ def resolve_config(config: ModelConfig | str | Path | None,
         import yaml
         try:
             data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+        except (yaml.YAMLError, UnicodeDecodeError, OSError) as err:
+            raise ConfigError(f"{path}: not a readable YAML file ({str(err).splitlines()[0]})") from None
         if is_sd_yaml(data):
             return load_sd_yaml(path)
         return _embed_arch_json(load_yaml(ModelConfig, path), path.parent)
