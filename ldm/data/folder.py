@@ -74,6 +74,8 @@ class ImageFolder(torch.utils.data.Dataset):
         if in_memory:
             # Decode once: on a 2-core CPU, PNG decoding each step would starve training.
             kept, cache = [], []
+            if len(pairs) > 2000:
+                log.info("decoding %d images from %s into memory", len(pairs), root)
             for path, caption in pairs:
                 image = self._read(path)
                 if image is not None:

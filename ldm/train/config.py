@@ -34,6 +34,7 @@ class EMAConfig:
     decay: float = 0.9999
     warmup: bool = True              # LDM's LitEma: decay = min(decay, (1+n)/(10+n))
     start_step: int = 0
+    every: int = 1                   # update every N steps (decay**N): cheaper for big embeddings
 
 
 @dataclass
@@ -145,6 +146,8 @@ def validate(config: VAETrainConfig | LDMTrainConfig) -> None:
     for key in ("steps", "batch_size", "grad_accum", "checkpoint_every", "log_every", "keep_checkpoints"):
         if getattr(run, key) < 1:
             raise ConfigError(f"run.{key} must be >= 1, got {getattr(run, key)}")
+    if config.ema.every < 1:
+        raise ConfigError(f"ema.every must be >= 1, got {config.ema.every}")
     if not 0.0 <= config.ema.decay < 1.0:
         raise ConfigError(f"ema.decay must be in [0, 1), got {config.ema.decay}")
     if config.data.size < 8:

@@ -25,9 +25,9 @@ class EMA:
         return min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
 
     @torch.no_grad()
-    def update(self, module: nn.Module) -> None:
-        """shadow <- decay * shadow + (1 - decay) * param."""
-        decay = self.current_decay()
+    def update(self, module: nn.Module, every: int = 1) -> None:
+        """shadow <- d * shadow + (1 - d) * param, d = decay ** every when called every `every` steps."""
+        decay = self.current_decay() ** every
         self.num_updates += 1
         names, params = zip(*((n, p) for n, p in module.named_parameters() if n in self.shadow))
         shadows = [self.shadow[n] for n in names]

@@ -77,6 +77,7 @@ class LDMTask:
         self.scale_factor = self.model_config.diffusion.scale_factor
         self.schedule = make_schedule(self.model_config.diffusion)
         self.terms = LossTerms.from_schedule(self.schedule, device)
+        self._tokens: dict[str, Tensor] = {}
         params = [p for p in self.net.parameters() if p.requires_grad]
         opt, sched = make_optimizer(params, config.optim, config.run.steps)
         self._groups = [OptimGroup("model", params, opt, sched, config.optim.grad_clip)]
@@ -120,7 +121,7 @@ class LDMTask:
         b = z.shape[0]
         drop = torch.rand(b, generator=ctx.cpu_generator) < c.caption_dropout
         captions = ["" if dropped else text for text, dropped in zip(captions, drop.tolist())]
-        tokens = self.net.text_encoder.tokenize(captions).to(ctx.device)
+        tokens = self._tokenize(captions).to(ctx.device)
         t = torch.randint(0, self.schedule.num_timesteps, (b,), generator=ctx.generator, device=ctx.device)
         noise = torch.randn(z.shape, generator=ctx.generator, device=ctx.device)
         if c.noise_offset:
@@ -135,6 +136,15 @@ class LDMTask:
                                     self.schedule.num_timesteps)
         ctx.backward(loss, self._groups[0].params)
         return logs
+
+    def _tokenize(self, captions: list[str]) -> Tensor:
+        """Token ids [B, L], memoised per caption (BPE + ftfy cost more than a small U-Net step)."""
+        missing = [c for c in dict.fromkeys(captions) if c not in self._tokens]
+        if missing:
+            if len(self._tokens) > 200_000:
+                self._tokens.clear()
+            self._tokens.update(zip(missing, self.net.text_encoder.tokenize(missing)))
+        return torch.stack([self._tokens[c] for c in captions])
 
     def extra_state(self) -> dict[str, Any]:
         """The latent scale factor (fixed by the first batch of the fresh run)."""

@@ -241,8 +241,9 @@ class Trainer:
         if self.scaler is not None:
             self.scaler.update()
         self.step += 1
-        if self.ema is not None and self.step > self.ema_config.start_step:
-            self.ema.update(self.task.ema_target())
+        every = self.ema_config.every
+        if self.ema is not None and self.step > self.ema_config.start_step and self.step % every == 0:
+            self.ema.update(self.task.ema_target(), every)
         return totals
 
     def _check_finite(self, logs: dict[str, Tensor]) -> None:

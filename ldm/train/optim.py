@@ -25,8 +25,12 @@ def make_optimizer(params: Iterable[torch.nn.Parameter], config: OptimConfig, to
                    lr: float | None = None) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW over `params` plus a LambdaLR implementing warm-up/decay."""
     params = [p for p in params if p.requires_grad]
+    # The fused kernel (CPU and CUDA) is several times faster than the per-tensor Python loop
+    # torch picks on the CPU by default; it matters when a large token embedding is trained.
+    fused = bool(params) and all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point
+                                 for p in params)
     optimizer = torch.optim.AdamW(params, lr=lr or config.lr, betas=tuple(config.betas),
-                                  eps=config.eps, weight_decay=config.weight_decay)
+                                  eps=config.eps, weight_decay=config.weight_decay, fused=fused)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, config, total_steps))
     return optimizer, scheduler
