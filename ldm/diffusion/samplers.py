@@ -51,7 +51,9 @@ def _step_noise(noise: Tensor | None, generator: Generators, x: Tensor,
         return lambda i: noise[i] if needed[i] else None
     if any(needed) and generator is None:
         raise ValueError("this sampler is stochastic: pass `noise` or a torch.Generator")
-    return lambda i: randn(x.shape, generator, x.device, x.dtype) if needed[i] else None
+    # Drawn before the loop (same order as drawing per step), so no step touches a host RNG.
+    drawn = {i: randn(x.shape, generator, x.device, x.dtype) for i in range(steps) if needed[i]}
+    return drawn.get
 
 
 def _check_signal(denoiser: Denoiser, rows: Tensor) -> None:
