@@ -33,7 +33,8 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
     if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise RuntimeError("run.device=cuda but no CUDA device is available")
+        from ldm.config import ConfigError
+        raise ConfigError("run.device=cuda but no CUDA device is available; use run.device=cpu or auto")
     return torch.device("cuda", local_rank)
 
 
