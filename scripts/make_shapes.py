@@ -23,6 +23,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="also draw the 8 held-out triples (left out by default, as the default model is)")
     p.add_argument("--no-paraphrase", action="store_true",
                    help="only the canonical caption 'a {color} {shape} on a {background} background'")
+    p.add_argument("--crop", type=int, default=None, metavar="N",
+                   help="write a random N x N crop of each image (a cheap autoencoder training set)")
     p.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty folder")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p.parse_args(argv)
@@ -40,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if args.crop is not None and not 0 < args.crop <= args.size:
+        print(f"error: --crop must be between 1 and --size ({args.size}), got {args.crop}", file=sys.stderr)
+        return 2
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         print(f"error: --out {out} exists and is not a folder", file=sys.stderr)
@@ -47,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     if out.is_dir() and any(out.iterdir()) and not args.overwrite:
         print(f"error: --out {out} is not empty (pass --overwrite to write into it)", file=sys.stderr)
         return 2
-    count = write_folder(out, dataset, progress=not args.quiet)
+    count = write_folder(out, dataset, progress=not args.quiet, crop=args.crop)
     print(f"wrote {count} images with captions to {out} "
           f"({len(dataset.triples)} triples, {len(exclude)} excluded)")
     return 0

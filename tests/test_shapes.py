@@ -13,7 +13,7 @@ from PIL import Image
 
 from ldm.data.shapes import (
     CAPTION_TEMPLATES, COLORS, HELD_OUT_TRIPLES, MARGIN, PALETTE, SHAPES, ShapeSpec,
-    ShapesDataset, all_triples, allowed_triples, caption, coverage, render, write_folder,
+    ShapesDataset, all_triples, allowed_triples, caption, coverage, crop_box, render, write_folder,
 )
 from ldm.data.shapes_classifier import classify
 
@@ -152,6 +152,18 @@ def test_write_folder_and_cli(tmp_path):
     img = np.asarray(Image.open(tmp_path / "a" / "000003.png").convert("RGB"))
     assert np.array_equal(img, render(ds.spec(3)[0], 32))
     assert (tmp_path / "a" / "000003.txt").read_text().strip() == ds[3]["caption"]
+
+    # Crops: a window of the same rendered image, at a position fixed by (seed, index).
+    write_folder(tmp_path / "crops", ds, progress=False, crop=16)
+    crops = [np.asarray(Image.open(tmp_path / "crops" / f"00000{i}.png").convert("RGB")) for i in range(5)]
+    assert {c.shape for c in crops} == {(16, 16, 3)}
+    boxes = {crop_box(ds, i, 16) for i in range(5)}
+    assert len(boxes) > 1 and all(0 <= v <= 16 for box in boxes for v in box)
+    top, left = crop_box(ds, 3, 16)
+    assert np.array_equal(crops[3], render(ds.spec(3)[0], 32)[top:top + 16, left:left + 16])
+    with pytest.raises(ValueError, match="crop must be"):
+        write_folder(tmp_path / "bad", ds, progress=False, crop=33)
+    assert not (tmp_path / "bad").exists()
 
     script = [sys.executable, str(ROOT / "scripts" / "make_shapes.py")]
     ok = subprocess.run(script + ["--out", str(tmp_path / "b"), "--num", "3", "--quiet"],
