@@ -254,3 +254,16 @@ def test_sd1_variants_in_the_wild(saved, tmp_path):
             assert ckpt.detect_family(variant) == "sd1"
         loaded = ldm.load_pipeline(file)
         torch.testing.assert_close(loaded.encode_prompt(["a cat"]), pipe.encode_prompt(["a cat"]))
+
+
+def test_safetensors_header_starting_like_a_pickle(tmp_path):
+    """A header length of 128 mod 256 makes the first byte 0x80, the legacy pickle magic."""
+    path = tmp_path / "x.safetensors"
+    for pad in range(64):
+        ckpt.write_checkpoint(path, {"a": torch.arange(3.0)}, {"ldm_config": "{}", "pad": "p" * pad})
+        if path.read_bytes()[0] == 0x80:
+            break
+    else:
+        pytest.fail("no padding gave a 0x80 first byte")
+    tensors, metadata = ckpt.read_checkpoint(path)
+    assert metadata["pad"] == "p" * pad and torch.equal(tensors["a"], torch.arange(3.0))
