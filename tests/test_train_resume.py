@@ -82,27 +82,38 @@ shutdown(info)
 '''
 
 
-def test_two_gloo_ranks_keep_identical_weights(tmp_path):
+def test_two_gloo_ranks_keep_identical_weights_equal_to_one_process(tmp_path):
     folder = make_folder(tmp_path / "imgs", count=8)
     program = tmp_path / "rank_program.py"
     program.write_text(_RANK_PROGRAM)
-    out = tmp_path / "ddp"
     overrides = [o for o in TINY_VAE if not o.startswith("run.threads")] + [
-        f"data.path={folder}", "run.steps=3", "run.checkpoint_every=3"]
+        f"data.path={folder}", "run.steps=3", "run.checkpoint_every=3", "optim.lr=0.01",
+        "optim.warmup_steps=0"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    config = str(ROOT / "configs/train_vae_tiny.yaml")
+    out, single = tmp_path / "ddp", tmp_path / "single"
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                             "--master_port", "29517", str(program),
-                             str(ROOT / "configs/train_vae_tiny.yaml"), str(out), *overrides],
+                             "--master_port", "29517", str(program), config, str(out), *overrides],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    result = subprocess.run([sys.executable, str(program), config, str(single), *overrides],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
     a = torch.load(out / "rank0.pt", weights_only=True)
     b = torch.load(out / "rank1.pt", weights_only=True)
-    assert a.keys() == b.keys()
+    one = torch.load(single / "rank0.pt", weights_only=True)
+    assert a.keys() == b.keys() == one.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # the same global batches and noise: only the order of float sums differs from one process
+    # Adam turns the reduction-order noise of near-zero gradients into lr-sized steps, so
+    # compare the bulk: wrong batches or noise would move nearly every weight differently.
+    diff = torch.cat([(a[k] - one[k]).abs().flatten() for k in a])
+    print("2 ranks vs 1 process: median", float(diff.median()), "share > 1e-4", float((diff > 1e-4).float().mean()))
+    assert float(diff.median()) < 1e-6 and float((diff > 1e-4).float().mean()) < 0.01
     torch.manual_seed(0)  # the run's seed: the weights every rank started from
     from ldm.config import AutoencoderConfig
     from ldm.models.autoencoder import AutoencoderKL
     start = AutoencoderKL(AutoencoderConfig(ch=32, ch_mult=[1, 2], num_res_blocks=1, resolution=16)).state_dict()
-    assert not all(torch.equal(a[k], start[k]) for k in a)  # they did train
+    assert max(float((a[k] - start[k]).abs().max()) for k in a) > 0.02  # they did train
     assert (out / "vae.safetensors").is_file()  # rank 0 wrote the export
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 3  # only rank 0 logged

@@ -105,7 +105,8 @@ class LDMTask:
         """scale_by_std: 1 / std of the first (global) batch's latents, as LDM does."""
         if not self.config.ldm.scale_by_std:
             return
-        z = self._posterior(batch[0], ctx).sample(ctx.generator).float()
+        posterior = self._posterior(batch[0], ctx)
+        z = ctx.sample_posterior(posterior).float()
         moments = all_reduce_mean(torch.stack([z.mean(), z.pow(2).mean()]), self.info)
         std = (moments[1] - moments[0] ** 2).clamp(min=1e-12).sqrt()
         self.scale_factor = float(1.0 / std)
@@ -115,19 +116,19 @@ class LDMTask:
         """Noise the latents at random timesteps and regress the configured target."""
         images, captions = batch
         c, d = self.config.ldm, self.model_config.diffusion
-        z = self._posterior(images, ctx).sample(ctx.generator).float() * self.scale_factor
+        posterior = self._posterior(images, ctx)
+        z = ctx.sample_posterior(posterior).float() * self.scale_factor
         if ctx.channels_last:
             z = z.contiguous(memory_format=torch.channels_last)
         b = z.shape[0]
-        drop = torch.rand(b, generator=ctx.cpu_generator) < c.caption_dropout
+        drop = ctx.rand_cpu(b) < c.caption_dropout
         captions = ["" if dropped else text for text, dropped in zip(captions, drop.tolist())]
         tokens = self._tokenize(captions).to(ctx.device)
-        t = torch.randint(0, self.schedule.num_timesteps, (b,), generator=ctx.generator, device=ctx.device)
-        noise = torch.randn(z.shape, generator=ctx.generator, device=ctx.device)
+        t = ctx.randint(self.schedule.num_timesteps, b)
+        noise = ctx.randn(*z.shape)
         if c.noise_offset:
             # a per-channel constant shift lets the model change overall brightness (noise offset)
-            noise = noise + c.noise_offset * torch.randn((b, z.shape[1], 1, 1), generator=ctx.generator,
-                                                         device=ctx.device)
+            noise = noise + c.noise_offset * ctx.randn(b, z.shape[1], 1, 1)
         x_t = self.terms.at("a", t) * z + self.terms.at("s", t) * noise
         with ctx.autocast():
             output = self.net(x_t, t, tokens)

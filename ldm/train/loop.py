@@ -3,8 +3,10 @@ gradient averaging across ranks, NaN stop, atomic checkpoints and exact resume.
 
 A stage is a `Task` (ldm/train/vae.py, ldm/train/ldm.py): it owns its networks and losses
 and says which parameters each optimizer trains; this loop owns everything else. Randomness
-is re-derived from (seed, rank, step) at every step and augmentations from the data position,
-so a resumed run draws exactly the numbers the uninterrupted run would have drawn.
+is re-derived from (seed, step) at every step and augmentations from the data position, so a
+resumed run draws exactly the numbers the uninterrupted run would have drawn. Per-sample draws
+(noise, timesteps) are made for the whole global batch on every rank and each rank keeps its
+slice, so a run on N ranks sees the same numbers as a run on one.
 """
 from __future__ import annotations
 
@@ -89,15 +91,38 @@ class StepContext:
             loss = self.scaler.scale(loss)
         torch.autograd.backward(loss, inputs=[p for p in params if p.requires_grad])
 
+    def _global(self, draw: Callable[..., Tensor], local_shape: tuple[int, ...], **kwargs: Any) -> Tensor:
+        """Draw for the global batch (same on every rank), keep this rank's rows."""
+        n, rank = local_shape[0], self.info.rank
+        full = draw((n * self.info.world_size, *local_shape[1:]), **kwargs)
+        return full[rank * n:(rank + 1) * n]
+
+    def randn(self, *local_shape: int) -> Tensor:
+        """Standard normal noise for this rank's samples, on the device."""
+        return self._global(torch.randn, local_shape, generator=self.generator, device=self.device)
+
+    def randint(self, high: int, n: int) -> Tensor:
+        """Integers in [0, high) for this rank's n samples (e.g. timesteps), on the device."""
+        return self._global(lambda shape, **kw: torch.randint(0, high, shape, **kw), (n,),
+                            generator=self.generator, device=self.device)
+
+    def sample_posterior(self, posterior: Any) -> Tensor:
+        """z = mean + std * noise from a DiagonalGaussian, with this step's global-batch noise."""
+        return posterior.mean + posterior.std * self.randn(*posterior.mean.shape)
+
+    def rand_cpu(self, n: int) -> Tensor:
+        """Uniform [0, 1) numbers for this rank's n samples, on the host."""
+        return self._global(torch.rand, (n,), generator=self.cpu_generator)
+
     def to_device(self, images: Tensor) -> Tensor:
         """Move a batch of images, in channels_last when the run asks for it."""
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
         return images.to(self.device, non_blocking=True).contiguous(memory_format=fmt)
 
 
-def step_seed(seed: int, rank: int, step: int) -> int:
-    """The seed of one rank's randomness at one step (noise, timesteps, dropout...)."""
-    return (seed * 1_000_003 + rank * 7_919 + step) % (2 ** 63)
+def step_seed(seed: int, step: int) -> int:
+    """The seed of the randomness of one step (noise, timesteps, dropout...)."""
+    return (seed * 1_000_003 + step) % (2 ** 63)
 
 
 def average_gradients(params: list[nn.Parameter], info: DistInfo) -> None:
@@ -147,6 +172,7 @@ class Trainer:
     ema: EMA | None = None
     metrics: MetricsLog | None = None
     _window: dict[str, Tensor] = field(default_factory=dict)
+    _window_steps: int = 0
 
     def __post_init__(self) -> None:
         device = self.info.device
@@ -210,7 +236,7 @@ class Trainer:
 
     # --- one optimizer step --------------------------------------------------------------
     def _seed_step(self) -> None:
-        seed = step_seed(self.run.seed, self.info.rank, self.step)
+        seed = step_seed(self.run.seed, self.step)
         self.ctx.generator.manual_seed(seed)
         self.ctx.cpu_generator.manual_seed(seed)
         torch.manual_seed(seed)  # dropout and anything else using the global generator
@@ -256,9 +282,10 @@ class Trainer:
     def _log(self, logs: dict[str, Tensor], rate: float, bar: Any) -> None:
         for key, value in logs.items():
             self._window[key] = self._window.get(key, 0.0) + value
+        self._window_steps += 1
         if self.step % self.run.log_every and self.step != self.run.steps:
             return
-        n = self.run.log_every if self.step % self.run.log_every == 0 else self.step % self.run.log_every
+        n, self._window_steps = self._window_steps, 0
         row = {"step": self.step, **{k: float(v) / n for k, v in self._window.items()},
                "lr": self.groups[0].scheduler.get_last_lr()[0], "steps_per_s": rate}
         self._window = {}

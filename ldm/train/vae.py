@@ -64,7 +64,8 @@ class VAETask:
         x = ctx.to_device(batch[0])
         last_layer = self.autoencoder.decoder.conv_out.weight
         with ctx.autocast():
-            recon, posterior = self.autoencoder(x, sample=True, generator=ctx.generator)
+            posterior = self.autoencoder.encode(x)
+            recon = self.autoencoder.decode(ctx.sample_posterior(posterior))
             loss, logs = self.loss.generator_loss(x, recon, posterior, step, last_layer)
         ctx.backward(loss, self._groups[0].params)
         if self.loss.disc_active(step):
