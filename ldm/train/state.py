@@ -2,7 +2,7 @@
 
     out/checkpoints/step-000500/weights.safetensors   raw weights of every trained module (+ EMA)
     out/checkpoints/step-000500/trainer.pt            optimizers, schedulers, step, data position, RNG
-    out/checkpoints/latest                            name of the newest complete directory
+    out/checkpoints/latest                            name of the newest complete directory (informative)
 
 A directory is written under a temporary name and renamed only when complete, so a run
 killed at any moment leaves the previous checkpoints intact. `trainer.pt` holds only
@@ -85,11 +85,7 @@ def find_checkpoint(path: str | Path) -> Path:
     if (path / TRAINER).is_file() and (path / WEIGHTS).is_file():
         return path
     ckpt_root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-    latest = ckpt_root / "latest"
-    if latest.is_file():
-        candidate = ckpt_root / latest.read_text().strip()
-        if (candidate / TRAINER).is_file() and (candidate / WEIGHTS).is_file():
-            return candidate
+    # the newest complete directory wins (`latest` may lag if a kill fell between rename and pointer)
     complete = sorted(p for p in ckpt_root.glob("step-*")
                       if (p / TRAINER).is_file() and (p / WEIGHTS).is_file())
     if not complete:
