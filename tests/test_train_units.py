@@ -162,3 +162,21 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
     saved = torch.load(tmp_path / "toy.pt", weights_only=True)["w"]
     assert torch.isfinite(saved).all()
     assert math.isfinite(trainer.metrics.rows[3]["loss"])
+
+
+def test_lpips_from_local_files(tmp_path):
+    from torchvision.models.vgg import cfgs, make_layers
+
+    from ldm.train.lpips import LPIPS, LPIPSUnavailable
+    with pytest.raises(LPIPSUnavailable, match="not downloaded"):
+        LPIPS(str(tmp_path / "vgg16.pth"), str(tmp_path / "lin.pth"))
+    torch.manual_seed(0)
+    trunk = make_layers(cfgs["D"])  # random stand-ins with the real files' key layout
+    torch.save({f"features.{k}": v for k, v in trunk.state_dict().items()}, tmp_path / "vgg16.pth")
+    torch.save({f"lin{i}.model.1.weight": torch.rand(1, c, 1, 1)
+                for i, c in enumerate((64, 128, 256, 512, 512))}, tmp_path / "lin.pth")
+    lpips = LPIPS(str(tmp_path / "vgg16.pth"), str(tmp_path / "lin.pth"))
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    assert torch.equal(lpips(x, x), torch.zeros(2, 1, 1, 1))
+    assert (lpips(x, x.flip(-1)) > 0).all()
+    assert not any(p.requires_grad for p in lpips.parameters())

@@ -29,7 +29,7 @@ class LPIPS(nn.Module):
 
     def __init__(self, vgg_path: str = "", lin_path: str = "") -> None:
         super().__init__()
-        from torchvision.models import vgg16
+        from torchvision.models.vgg import cfgs, make_layers
         vgg_file = Path(vgg_path) if vgg_path else _default_vgg_path()
         if not vgg_file.is_file():
             raise LPIPSUnavailable(
@@ -39,9 +39,12 @@ class LPIPS(nn.Module):
             raise LPIPSUnavailable(
                 f"loss.perceptual_weight > 0 needs the LPIPS linear weights (vgg.pth); "
                 f"loss.lpips_lin_path={lin_path!r} is not a file; or set loss.perceptual_weight=0")
-        net = vgg16(weights=None)
-        net.load_state_dict(torch.load(vgg_file, map_location="cpu", weights_only=True))
-        self.slices = nn.ModuleList(net.features[a:b] for a, b in _SLICES)
+        # Only VGG16's conv trunk is needed: skip building its 120M-parameter classifier.
+        features = make_layers(cfgs["D"])
+        state = torch.load(vgg_file, map_location="cpu", weights_only=True)
+        features.load_state_dict({k[len("features."):]: v for k, v in state.items()
+                                  if k.startswith("features.")})
+        self.slices = nn.ModuleList(features[a:b] for a, b in _SLICES)
         self.lins = nn.ModuleList(nn.Conv2d(c, 1, 1, bias=False) for c in _CHANNELS)
         lin_state = torch.load(lin_path, map_location="cpu", weights_only=True)
         for i, lin in enumerate(self.lins):
