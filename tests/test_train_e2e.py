@@ -100,3 +100,17 @@ def test_script_exit_code_and_help():
                               text=True, cwd=ROOT, timeout=60).stdout
     for flag in ("--config", "--resume", "--out", "key=value"):
         assert flag in helptext
+
+
+def test_cached_latents_train_like_encoding_every_step(vae_file, folder, tmp_path):
+    common = ["--config", str(ROOT / "configs/train_ldm_tiny.yaml"), *TINY_LDM, f"data.path={folder}",
+              f"ldm.vae={vae_file}", "run.steps=2", "run.checkpoint_every=2", "data.flip=true", "--quiet"]
+    losses = {}
+    for name, cached in (("plain", "false"), ("cached", "true"), ("reused", "true")):
+        out = tmp_path / ("cached" if name == "reused" else name)
+        assert script_main("ldm", "", [*common, f"ldm.cache_latents={cached}", "--out", str(out)]) == 0
+        losses[name] = [r["loss"] for r in _rows(out)][-2:]
+    assert (tmp_path / "cached" / "latents.safetensors").is_file()
+    # same flips, same noise and timesteps: only batched-convolution rounding differs
+    assert losses["cached"] == pytest.approx(losses["plain"], rel=1e-3)
+    assert losses["reused"] == pytest.approx(losses["cached"], rel=1e-6)

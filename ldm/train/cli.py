@@ -54,7 +54,7 @@ def resolve(args: argparse.Namespace, cls: type, default_out: str):
 
 def main(run: Callable[[argparse.Namespace], None], p: argparse.ArgumentParser, argv: list[str] | None) -> int:
     """Parse, run, and turn user errors into one line on stderr with exit code 2."""
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # key=value overrides may sit between flags
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -16,7 +16,7 @@ from ldm.config import ConfigError, ModelConfig
 from ldm.errors import LdmError
 from ldm.diffusion.schedule import make_schedule, sd_buffers
 from ldm.models.autoencoder import DiagonalGaussian
-from ldm.pipeline import build_networks
+from ldm.pipeline import Pipeline
 from ldm.train.config import LDMTrainConfig
 from ldm.train.diffusion_loss import LossTerms, diffusion_loss
 from ldm.train.distributed import DistInfo, all_reduce_mean
@@ -69,9 +69,10 @@ class LDMTask:
         self.model_config = model_config_for(config, ae_config)
         if config.run.gradient_checkpointing:
             self.model_config.unet.gradient_checkpointing = True
-        torch.manual_seed(config.run.seed)  # identical initial weights on every rank
-        _, unet, text_encoder = build_networks(self.model_config)
-        self.net = DiffusionNet(unet, text_encoder).to(device)
+        # Seeded, so every rank starts from the same weights; a pretrained text tower
+        # (model.text_encoder.weights) is loaded here too.
+        fresh = Pipeline.from_config(self.model_config, device=device, seed=config.run.seed)
+        self.net = DiffusionNet(fresh.unet, fresh.text_encoder)
         if config.run.channels_last:
             self.net.unet.to(memory_format=torch.channels_last)
         self.scale_factor = self.model_config.diffusion.scale_factor
@@ -179,7 +180,6 @@ class LDMTask:
         if not c.sample_prompts:
             return
         from ldm import generate
-        from ldm.pipeline import Pipeline
         was_training = self.net.training
         self.net.eval()
         rows = []

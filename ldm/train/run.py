@@ -13,8 +13,8 @@ from ldm.train.data import build_dataset, make_batches, map_batches
 from ldm.train.distributed import DistInfo, barrier, init_distributed, shutdown
 from ldm.train.loop import Task, Trainer
 
-# (config, process info) -> (task, batches_from)
-Setup = Callable[[Any, DistInfo], tuple[Task, Callable[[int], Iterator]]]
+# (config, process info, output folder) -> (task, batches_from)
+Setup = Callable[[Any, DistInfo, Path], tuple[Task, Callable[[int], Iterator]]]
 
 
 def _write_config(out: Path, config_dict: dict) -> None:
@@ -30,7 +30,7 @@ def _train(config: Any, out: Path, resume: str | None, progress: bool, setup: Se
     try:
         set_threads(config.run.threads)
         config.run.progress = config.run.progress and progress
-        task, batches_from = setup(config, info)
+        task, batches_from = setup(config, info, out)
         trainer = Trainer(task, config.run, config.ema, info, out, to_dict(config), batches_from, resume)
         if info.is_main:
             _write_config(out, to_dict(config))
@@ -41,13 +41,13 @@ def _train(config: Any, out: Path, resume: str | None, progress: bool, setup: Se
         shutdown(info)
 
 
-def _vae_setup(config: VAETrainConfig, info: DistInfo):
+def _vae_setup(config: VAETrainConfig, info: DistInfo, out: Path):
     from ldm.train.vae import VAETask
     batches_from, preview = make_batches(config.data, config.run.batch_size, config.run.seed, info)
     return VAETask(config, info.device, preview), batches_from
 
 
-def _ldm_setup(config: LDMTrainConfig, info: DistInfo):
+def _ldm_setup(config: LDMTrainConfig, info: DistInfo, out: Path):
     """Stage 2 reads images, or cached latent moments when ldm.cache_latents."""
     from ldm.train.ldm import LDMTask
     task = LDMTask(config, info, cached=config.ldm.cache_latents)
@@ -56,8 +56,13 @@ def _ldm_setup(config: LDMTrainConfig, info: DistInfo):
     if config.data.kind != "folder" or config.data.crop == "random":
         raise ConfigError("ldm.cache_latents needs data.kind=folder and data.crop=center "
                           "(a cache holds one crop per image)")
-    from ldm.data.latents import encode_dataset
-    cache = encode_dataset(build_dataset(config.data), task.autoencoder, info.device, config.data.flip)
+    from ldm.data.latents import fingerprint, load_or_encode
+    dataset = build_dataset(config.data)
+    bf16 = config.run.precision == "bf16"
+    key = fingerprint(config.ldm.vae, dataset, config.data.flip, bf16)
+    cache = load_or_encode(out / "latents.safetensors", key, dataset, task.autoencoder, info.device,
+                           config.data.flip, bf16, write=info.is_main,
+                           progress=info.is_main and config.run.progress)
     return task, map_batches(cache, config.run.batch_size, config.run.seed, info, 0)
 
 
