@@ -10,15 +10,22 @@ from ldm.models.layers import GroupNormSiLU, zero_module
 _REDUCED = (torch.float16, torch.bfloat16)
 
 
+def sdpa_needs_upcast(q: Tensor) -> bool:
+    """SD computes the softmax in fp32 (_ATTN_PRECISION). The fused SDPA kernels of CUDA and of
+    the CPU for bf16 (flash attention: fp32 logits, max and sum) do so already; upcasting
+    there only costs copies and fp32 matmuls."""
+    if q.dtype not in _REDUCED or q.device.type == "cuda":
+        return False
+    return not (q.device.type == "cpu" and q.dtype == torch.bfloat16)
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, heads: int) -> Tensor:
     """Multi-head softmax(q k^T / sqrt(d)) v: [B, N, H*d] x [B, M, H*d] -> [B, N, H*d]."""
     b, n, inner = q.shape
     d = inner // heads
     q, k, v = (t.reshape(b, -1, heads, d).transpose(1, 2) for t in (q, k, v))  # [B, H, N, d]
     dtype = q.dtype
-    if dtype in _REDUCED and q.device.type != "cuda":
-        # SD computes the softmax in fp32 (_ATTN_PRECISION); CUDA's fused SDPA kernels keep
-        # their softmax statistics in fp32 already, elsewhere we upcast explicitly.
+    if sdpa_needs_upcast(q):
         q, k, v = q.float(), k.float(), v.float()
     out = F.scaled_dot_product_attention(q, k, v)  # scale 1/sqrt(d)
     return out.to(dtype).transpose(1, 2).reshape(b, n, inner)

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ldm.config import AutoencoderConfig
+from ldm.models.attention import sdpa_needs_upcast
 from ldm.models.layers import GroupNormSiLU, Upsample
 
 VAE_NORM_EPS = 1e-6  # SD's model.Normalize
@@ -52,7 +53,7 @@ class AttnBlock(nn.Module):
         hn = self.norm(x)
         q, k, v = (conv(hn).reshape(b, 1, c, h * w).transpose(2, 3) for conv in (self.q, self.k, self.v))
         dtype = q.dtype
-        if dtype in (torch.float16, torch.bfloat16) and q.device.type != "cuda":
+        if sdpa_needs_upcast(q):
             q, k, v = q.float(), k.float(), v.float()  # softmax in fp32, as SD
         out = F.scaled_dot_product_attention(q, k, v).to(dtype)  # [B, 1, HW, C]
         return x + self.proj_out(out.transpose(2, 3).reshape(b, c, h, w))
