@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from ldm.train.cli import script_main
-from tests.train_helpers import TINY_VAE, make_folder
+from tests.train_helpers import TINY_LDM, TINY_VAE, make_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 12
@@ -57,6 +57,27 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
     steps = [int(line.split('"step": ')[1].split(",")[0])
              for line in (killed / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, STEPS + 1))  # the curve has no gaps or repeats
+
+
+def test_ldm_stopped_and_resumed_matches_uninterrupted(tmp_path):
+    folder = make_folder(tmp_path / "imgs", count=6)
+    vae = tmp_path / "vae"
+    assert script_main("vae", "", ["--config", str(ROOT / "configs/train_vae_tiny.yaml"), *TINY_VAE,
+                                   f"data.path={folder}", "run.steps=1", "--out", str(vae), "--quiet"]) == 0
+    args = ["--config", str(ROOT / "configs/train_ldm_tiny.yaml"), *TINY_LDM, f"data.path={folder}",
+            f"ldm.vae={vae / 'vae.safetensors'}", "run.checkpoint_every=2", "ldm.caption_dropout=0.5",
+            "ldm.noise_offset=0.1", "--quiet"]
+    assert script_main("ldm", "", [*args, "run.steps=4", "--out", str(tmp_path / "a")]) == 0
+    assert script_main("ldm", "", [*args, "run.steps=2", "--out", str(tmp_path / "b")]) == 0
+    # the resumed run must keep the scale factor measured on the first run's first batch
+    assert script_main("ldm", "", ["--resume", str(tmp_path / "b"), "run.steps=4", "--quiet"]) == 0
+    a = load_file(str(tmp_path / "a" / "checkpoints" / "step-0000004" / "weights.safetensors"))
+    b = load_file(str(tmp_path / "b" / "checkpoints" / "step-0000004" / "weights.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    from ldm.checkpoint import read_checkpoint
+    meta_a = read_checkpoint(tmp_path / "a" / "model.safetensors")[1]
+    meta_b = read_checkpoint(tmp_path / "b" / "model.safetensors")[1]
+    assert meta_a == meta_b
 
 
 _RANK_PROGRAM = r'''
