@@ -180,3 +180,16 @@ def test_lpips_from_local_files(tmp_path):
     assert torch.equal(lpips(x, x), torch.zeros(2, 1, 1, 1))
     assert (lpips(x, x.flip(-1)) > 0).all()
     assert not any(p.requires_grad for p in lpips.parameters())
+
+
+def test_resume_with_a_different_model_is_a_clear_error(tmp_path):
+    run = RunConfig(steps=2, batch_size=2, checkpoint_every=2, log_every=1, image_every=0, progress=False)
+
+    def batches_from(position):
+        while True:
+            yield torch.ones(2, 1)
+    Trainer(_ToyTask(nan_from=99), run, EMAConfig(), DistInfo(), tmp_path, {}, batches_from).fit()
+    other = _ToyTask(nan_from=99)
+    other.net = nn.Linear(1, 2)  # a different model
+    with pytest.raises(ResumeError, match="does not fit this run's config .*size mismatch"):
+        Trainer(other, run, EMAConfig(), DistInfo(), tmp_path, {}, batches_from, resume=str(tmp_path))

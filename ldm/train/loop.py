@@ -28,7 +28,7 @@ from ldm.train.config import EMAConfig, RunConfig
 from ldm.train.distributed import DistInfo, any_rank
 from ldm.train.ema import EMA
 from ldm.train.report import MetricsLog, plot_curves
-from ldm.train.state import find_checkpoint, load_state, save_state, split_prefix
+from ldm.train.state import ResumeError, find_checkpoint, load_state, save_state, split_prefix
 
 log = logging.getLogger(__name__)
 
@@ -221,6 +221,15 @@ class Trainer:
 
     def _load(self, directory: Path) -> None:
         weights, trainer = load_state(directory)
+        try:
+            self._restore(weights, trainer)
+        except (RuntimeError, KeyError, ValueError) as err:
+            detail = " ".join(str(err).split()) or type(err).__name__
+            raise ResumeError(f"{directory} does not fit this run's config ({detail[:300]}); "
+                              "resume without --config to reuse the run's own config") from None
+        log.info("resumed from %s at step %d", directory, self.step)
+
+    def _restore(self, weights: dict[str, Tensor], trainer: dict[str, Any]) -> None:
         for name, module in self.task.modules().items():
             module.load_state_dict(split_prefix(weights, name), strict=True)
         if self.ema is not None:
@@ -232,7 +241,6 @@ class Trainer:
             self.scaler.load_state_dict(trainer["scaler"])
         self.task.load_extra_state(trainer["task"])
         self.step, self.data_position = int(trainer["step"]), int(trainer["data_position"])
-        log.info("resumed from %s at step %d", directory, self.step)
 
     # --- one optimizer step --------------------------------------------------------------
     def _seed_step(self) -> None:
