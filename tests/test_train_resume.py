@@ -17,6 +17,7 @@ from ldm.train.cli import script_main
 from tests.train_helpers import TINY_LDM, TINY_VAE, make_folder
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
 STEPS = 12
 
 
