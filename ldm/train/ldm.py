@@ -13,8 +13,8 @@ from torch import Tensor, nn
 
 from ldm import checkpoint as ckpt
 from ldm.config import ConfigError, ModelConfig
-from ldm.errors import LdmError
 from ldm.diffusion.schedule import make_schedule, sd_buffers
+from ldm.errors import LdmError
 from ldm.models.autoencoder import DiagonalGaussian
 from ldm.pipeline import Pipeline
 from ldm.train.config import LDMTrainConfig
@@ -68,7 +68,8 @@ class LDMTask:
         self.autoencoder.requires_grad_(False)
         self.model_config = model_config_for(config, ae_config)
         if config.run.gradient_checkpointing:
-            self.model_config.unet.gradient_checkpointing = True
+            unet = dataclasses.replace(self.model_config.unet, gradient_checkpointing=True)
+            self.model_config = dataclasses.replace(self.model_config, unet=unet)
         # Seeded, so every rank starts from the same weights; a pretrained text tower
         # (model.text_encoder.weights) is loaded here too.
         fresh = Pipeline.from_config(self.model_config, device=device, seed=config.run.seed)
