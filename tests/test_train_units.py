@@ -193,3 +193,21 @@ def test_resume_with_a_different_model_is_a_clear_error(tmp_path):
     other.net = nn.Linear(1, 2)  # a different model
     with pytest.raises(ResumeError, match="does not fit this run's config .*size mismatch"):
         Trainer(other, run, EMAConfig(), DistInfo(), tmp_path, {}, batches_from, resume=str(tmp_path))
+
+
+def test_gradient_checkpointing_keeps_gradients():
+    from ldm.config import UNetConfig
+    from ldm.models.unet import ResBlock, UNetModel
+    from ldm.train.grad_checkpoint import enable_gradient_checkpointing
+    config = UNetConfig(model_channels=32, channel_mult=[1], attention_resolutions=[1], num_heads=2,
+                        context_dim=32)
+    torch.manual_seed(0)
+    plain = UNetModel(config)
+    torch.manual_seed(0)
+    wrapped = UNetModel(config)
+    assert enable_gradient_checkpointing(wrapped, (ResBlock,)) > 0
+    x, t, ctx = torch.randn(2, 4, 8, 8), torch.tensor([1, 500]), torch.randn(2, 8, 32)
+    for net in (plain, wrapped):
+        net(x, t, ctx).square().mean().backward()
+    for p, q in zip(plain.parameters(), wrapped.parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-6)

@@ -16,11 +16,13 @@ from ldm.config import ConfigError, ModelConfig
 from ldm.diffusion.schedule import make_schedule, sd_buffers
 from ldm.errors import LdmError
 from ldm.models.autoencoder import DiagonalGaussian
+from ldm.models.unet import ResBlock
 from ldm.pipeline import Pipeline
 from ldm.train.config import LDMTrainConfig
 from ldm.train.diffusion_loss import LossTerms, diffusion_loss
 from ldm.train.distributed import DistInfo, all_reduce_mean
 from ldm.train.ema import EMA
+from ldm.train.grad_checkpoint import enable_gradient_checkpointing
 from ldm.train.loop import OptimGroup, StepContext
 from ldm.train.optim import make_optimizer
 from ldm.train.report import save_grid
@@ -74,6 +76,8 @@ class LDMTask:
         # (model.text_encoder.weights) is loaded here too.
         fresh = Pipeline.from_config(self.model_config, device=device, seed=config.run.seed)
         self.net = DiffusionNet(fresh.unet, fresh.text_encoder)
+        if config.run.gradient_checkpointing:  # the transformers checkpoint themselves (config)
+            enable_gradient_checkpointing(self.net.unet, (ResBlock,))
         if config.run.channels_last:
             self.net.unet.to(memory_format=torch.channels_last)
         self.scale_factor = self.model_config.diffusion.scale_factor
