@@ -21,6 +21,7 @@ from ldm.diffusion.timesteps import check_steps
 from ldm.errors import LdmError
 
 if TYPE_CHECKING:
+    from ldm.cuda_graph import SamplingGraphs
     from ldm.pipeline import Pipeline
 
 MAX_GUIDANCE_SCALE = 100.0  # beyond this guidance only produces saturated noise
@@ -117,8 +118,12 @@ def txt2img(pipe: "Pipeline", prompt: str, negative_prompt: str = "", height: in
             width: int | None = None, steps: int = 50, sampler: str = "ddim",
             guidance_scale: float = 7.5, eta: float | None = None, seed: int = 0,
             num_images: int = 1, callback: Callable[[int, Tensor, Tensor], None] | None = None,
-            guidance_rescale: float = 0.0) -> list[Image.Image]:
-    """Images for `prompt`; image k uses seed + k for its start noise and per-step noise."""
+            guidance_rescale: float = 0.0,
+            graphs: "SamplingGraphs | None" = None) -> list[Image.Image]:
+    """Images for `prompt`; image k uses seed + k for its start noise and per-step noise.
+
+    graphs: a SamplingGraphs (CUDA) to run the sampling loop as one captured graph replay.
+    """
     height = default_image_size(pipe) if height is None else height
     width = default_image_size(pipe) if width is None else width
     check_image_size(pipe, height, width)
@@ -132,7 +137,11 @@ def txt2img(pipe: "Pipeline", prompt: str, negative_prompt: str = "", height: in
     generators = seeded_generators(seed, num_images)  # CPU: same numbers on every device
     shape = (num_images, pipe.latent_channels, height // factor, width // factor)
     x_T = randn(shape, generators, pipe.device, pipe.dtype)
-    latents = sample(pipe, context, uncond, x_T, steps=steps, sampler=sampler, eta=eta,
-                     guidance_scale=guidance_scale, callback=callback, generator=generators,
-                     guidance_rescale=guidance_rescale)
+    if graphs is not None:  # the whole loop as one CUDA graph replay (no per-step callback)
+        latents = graphs.sample(context, uncond, x_T, steps, sampler, eta, guidance_scale,
+                                generators, guidance_rescale)
+    else:
+        latents = sample(pipe, context, uncond, x_T, steps=steps, sampler=sampler, eta=eta,
+                         guidance_scale=guidance_scale, callback=callback, generator=generators,
+                         guidance_rescale=guidance_rescale)
     return latents_to_images(pipe, latents)

@@ -62,6 +62,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--config", default=None, help="model config: our YAML or SD's inference YAML")
     p.add_argument("--precision", default="fp32", choices=list(PRECISIONS), help="fp32, bf16, fp16 (CUDA)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default auto")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="CUDA only: capture the whole sampling loop once as a CUDA graph and replay it")
     return p.parse_args(argv)
 
 
@@ -123,6 +125,8 @@ def validate(args: argparse.Namespace) -> list[str]:
     args.device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     if args.precision == "fp16" and args.device == "cpu":
         raise UsageError("--precision fp16 needs CUDA; on the CPU use fp32 or bf16")
+    if getattr(args, "cuda_graph", False) and args.device != "cuda":
+        raise UsageError("--cuda-graph needs a CUDA device (drop it on the CPU)")
     if args.from_file is not None:
         try:
             lines = Path(args.from_file).read_text(encoding="utf-8").splitlines()
@@ -218,12 +222,16 @@ def run(args: argparse.Namespace) -> None:
               "config": args.config, "precision": args.precision, "ldm_version": ldm.__version__,
               "torch_version": torch.__version__}
     written, seed = [], args.seed
+    graphs = None
+    if getattr(args, "cuda_graph", False):
+        from ldm.cuda_graph import SamplingGraphs
+        graphs = SamplingGraphs(pipe)  # captured once per shape, replayed for every batch
     for prompt in prompts:
         for _ in range(args.n_iter):
             bar = tqdm(total=args.steps, desc=f"seed {seed}", leave=False)
             images = generate.txt2img(pipe, prompt, args.negative_prompt, height, width, args.steps,
                                       args.sampler, args.scale, args.ddim_eta, seed, args.n_samples,
-                                      callback=lambda i, x, d: bar.update(1))
+                                      callback=lambda i, x, d: bar.update(1), graphs=graphs)
             bar.close()
             samples.mkdir(parents=True, exist_ok=True)  # only once there is something to write
             for k, image in enumerate(images):

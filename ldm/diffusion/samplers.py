@@ -17,6 +17,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from ldm.cuda_graph import to_device  # capture-safe table upload
 from ldm.diffusion.coefficients import (PLMS_WEIGHTS, ddim_coefficients,
                                         ddim_inversion_coefficients, ddpm_coefficients,
                                         dpmpp_2m_coefficients, euler_coefficients,
@@ -74,8 +75,8 @@ def _run_rows(denoiser: Denoiser, x: Tensor, timesteps: Tensor, rows: Tensor,
     """The loop shared by single-evaluation, history-free samplers (DDPM, DDIM, Euler)."""
     _check_signal(denoiser, rows)
     next_noise = _step_noise(noise, generator, x, rows)
-    coeffs = rows.to(x.device)
-    t = timesteps.to(x.device)
+    coeffs = to_device(rows, x.device)
+    t = to_device(timesteps, x.device)
     for i in range(rows.shape[0]):
         out = denoiser(x, _timestep(t, i, x.shape[0]))
         x, denoised = sampler_step(x, out, coeffs[i], next_noise(i), None,
@@ -145,7 +146,7 @@ def sample_dpmpp_2m(denoiser: Denoiser, x: Tensor, schedule: Schedule, steps: in
     timesteps, sigmas = sampling_sigmas(schedule, steps, karras)
     rows = dpmpp_2m_coefficients(sigmas, denoiser.guidance_scale)
     x = x * rows[0, COEFF_S].item()  # x_ve = sigma_max x_T, as k-diffusion starts
-    coeffs, t = rows.to(x.device), timesteps.float().to(x.device)
+    coeffs, t = to_device(rows, x.device), to_device(timesteps.float(), x.device)
     old_denoised = torch.zeros_like(x)  # c_prev is 0 on the first step
     for i in range(steps):
         out = denoiser(x, _timestep(t, i, x.shape[0]))
@@ -165,7 +166,8 @@ def sample_plms(denoiser: Denoiser, x: Tensor, schedule: Schedule, steps: int, *
     timesteps = spaced_timesteps(schedule.num_timesteps, steps, spacing)
     rows, first = plms_coefficients(schedule, timesteps, denoiser.guidance_scale)
     _check_signal(denoiser, rows)
-    coeffs, first, t = rows.to(x.device), first.to(x.device), timesteps.to(x.device)
+    coeffs, first = to_device(rows, x.device), to_device(first, x.device)
+    t = to_device(timesteps, x.device)
     batch, kind, learned = x.shape[0], denoiser.prediction_type, denoiser.learned_variance
     history: list[Tensor] = []  # eps of earlier steps, newest first
     for i in range(steps):
