@@ -16,6 +16,10 @@ import sys
 
 from setuptools import find_packages, setup
 
+# The include root is the repository, so sources write "csrc/math.h": with csrc/ itself on
+# the include path, csrc/math.h would shadow the C library's <math.h> for the CUDA headers.
+_ROOT = os.path.dirname(os.path.abspath(__file__))
+
 
 def _find_cuda_home() -> str | None:
     """CUDA_HOME, else the toolkit that `nvcc` belongs to, else /usr/local/cuda."""
@@ -81,13 +85,13 @@ def _extensions() -> list:
             os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
         ext = cpp_extension.CUDAExtension(
-            "ldm._C", sources, include_dirs=[os.path.abspath("csrc")],
+            "ldm._C", sources, include_dirs=[_ROOT],
             extra_compile_args={"cxx": cxx + ["-DLDM_WITH_CUDA"],
                                 "nvcc": ["-O3", "-DLDM_WITH_CUDA", "--use_fast_math"]},
             extra_link_args=["-fopenmp"])
     else:
         ext = cpp_extension.CppExtension(
-            "ldm._C", sources, include_dirs=[os.path.abspath("csrc")],
+            "ldm._C", sources, include_dirs=[_ROOT],
             extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
     print(f"ldm: building {'CPU+CUDA' if can_cuda else 'CPU-only'} extension "
           f"(CUDA_HOME={cuda_home})", file=sys.stderr)

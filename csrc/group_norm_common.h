@@ -37,6 +37,38 @@ inline at::Tensor with_layout_of(const at::Tensor& x, const at::Tensor& like) {
   return at::empty_like(like, x.options()).copy_(x);
 }
 
+// How one call lays out its output and inputs. The output keeps x's memory format
+// (empty_like); when that is neither layout the kernel writes a contiguous stand-in that
+// finish() copies back.
+struct LayoutPlan {
+  at::Tensor result;  // returned to the caller ([0] when the output is not wanted)
+  at::Tensor work;    // written by the kernel
+  Layout layout = Layout::kContiguous;
+  bool copy_back = false;  // result has unusual strides: work is a contiguous stand-in
+
+  bool channels_last() const { return layout == Layout::kChannelsLast; }
+  // An input in the kernel's layout (a copy only when its strides differ).
+  at::Tensor input(const at::Tensor& t) const {
+    if (!channels_last()) return t.contiguous();
+    return with_layout_of(t, work);
+  }
+  void finish() const {
+    if (copy_back) result.copy_(work);
+  }
+};
+
+inline LayoutPlan plan_layout(const at::Tensor& x, bool want_output) {
+  LayoutPlan plan;
+  const at::Tensor like = want_output ? at::empty_like(x) : x;
+  const c10::optional<Layout> layout = layout_of(like);
+  plan.layout = layout.value_or(Layout::kContiguous);
+  plan.result = want_output ? like : at::empty({0}, x.options());
+  plan.copy_back = want_output && !layout;
+  if (layout) plan.work = like;
+  else if (want_output) plan.work = at::empty_like(x, at::MemoryFormat::Contiguous);
+  return plan;
+}
+
 // Validates x / weight / bias of a GroupNorm call and returns its shape.
 inline GroupNormShape check_group_norm_inputs(const at::Tensor& x, int64_t num_groups,
                                               const c10::optional<at::Tensor>& weight,
@@ -63,6 +95,32 @@ inline GroupNormShape check_group_norm_inputs(const at::Tensor& x, int64_t num_g
                 ") or float32");
   }
   return GroupNormShape{x.size(0), C, x.numel() / (x.size(0) * C), num_groups};
+}
+
+// Validates the backward's arguments beyond the forward's and returns the shape.
+inline GroupNormShape check_group_norm_backward_inputs(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& rstd,
+    const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+    int64_t num_groups) {
+  const char* op = "ldm::group_norm_silu_backward";
+  const GroupNormShape shape = check_group_norm_inputs(x, num_groups, weight, bias, op);
+  TORCH_CHECK(grad_y.sizes() == x.sizes() && grad_y.scalar_type() == x.scalar_type() &&
+              grad_y.device() == x.device(), op, ": grad_y must match x in shape, dtype and "
+              "device, got ", grad_y.sizes(), " ", grad_y.scalar_type(), " vs ", x.sizes(), " ",
+              x.scalar_type());
+  const at::ScalarType acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  for (const at::Tensor* t : {&mean, &rstd}) {
+    TORCH_CHECK(t->sizes() == at::IntArrayRef({shape.N, shape.G}) && t->scalar_type() == acc &&
+                t->device() == x.device(), op, ": mean/rstd must be [N, num_groups] ", acc,
+                " tensors from the forward, got ", t->sizes(), " ", t->scalar_type());
+  }
+  return shape;
+}
+
+// Parameter gradient g in the parameter's dtype, or [0] when it was not computed.
+inline at::Tensor param_grad_as(const c10::optional<at::Tensor>& param, const at::Tensor& g,
+                                const at::Tensor& x) {
+  return g.numel() ? g.to(param.value().scalar_type()) : at::empty({0}, x.options());
 }
 
 // weight/bias as a contiguous accumulation-type tensor, or an undefined tensor when absent.

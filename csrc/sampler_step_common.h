@@ -4,7 +4,7 @@
 #include <ATen/ATen.h>
 #include <c10/util/Optional.h>
 
-#include "math.h"
+#include "csrc/math.h"
 
 namespace ldm {
 
@@ -57,6 +57,55 @@ inline SamplerStepShape check_sampler_step_inputs(const at::Tensor& x, const at:
 inline at::Tensor contiguous_as(const c10::optional<at::Tensor>& t, const at::Tensor& x) {
   if (!t.has_value() || !t->defined()) return at::Tensor();
   return t->to(x.scalar_type()).contiguous();
+}
+
+// Raw pointers of one call, as the kernels read them.
+template <typename T>
+struct StepArgs {
+  const T* x;
+  const T* out;    // [B or 2B, C or 2C, ...]
+  const T* noise;  // nullptr: no noise
+  const T* prev;   // nullptr: no prev term
+  T* x_next;
+  T* x0;
+  const float* coeffs;
+  SamplerStepShape shape;
+  bool learned_variance;
+};
+
+// Checked, contiguous inputs and freshly allocated outputs of one call.
+struct SamplerStepTensors {
+  at::Tensor x, out, noise, prev, coeffs, x_next, x0;
+  SamplerStepShape shape;
+  bool learned_variance;
+
+  template <typename T>
+  StepArgs<T> args() const {
+    return StepArgs<T>{x.const_data_ptr<T>(), out.const_data_ptr<T>(),
+                       noise.defined() ? noise.const_data_ptr<T>() : nullptr,
+                       prev.defined() ? prev.const_data_ptr<T>() : nullptr,
+                       x_next.mutable_data_ptr<T>(), x0.mutable_data_ptr<T>(),
+                       coeffs.const_data_ptr<float>(), shape, learned_variance};
+  }
+};
+
+inline SamplerStepTensors prepare_sampler_step(const at::Tensor& x, const at::Tensor& model_output,
+                                               const at::Tensor& coeffs,
+                                               const c10::optional<at::Tensor>& noise,
+                                               const c10::optional<at::Tensor>& prev,
+                                               int64_t prediction_type, bool learned_variance) {
+  SamplerStepTensors t;
+  t.shape = check_sampler_step_inputs(x, model_output, coeffs, noise, prev, prediction_type,
+                                      learned_variance);
+  t.x = x.contiguous();
+  t.out = contiguous_as(model_output, x);
+  t.noise = contiguous_as(noise, x);
+  t.prev = contiguous_as(prev, x);
+  t.coeffs = coeffs.contiguous();
+  t.x_next = at::empty_like(t.x);
+  t.x0 = at::empty_like(t.x);
+  t.learned_variance = learned_variance;
+  return t;
 }
 
 }  // namespace ldm

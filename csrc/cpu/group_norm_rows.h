@@ -6,8 +6,8 @@
 // fp32 vector lanes with a scalar tail; fp64 runs take the scalar loop only.
 #pragma once
 
-#include "cpu/vec_helpers.h"
-#include "math.h"
+#include "csrc/cpu/vec_helpers.h"
+#include "csrc/math.h"
 
 #include <algorithm>
 

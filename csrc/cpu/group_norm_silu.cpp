@@ -10,8 +10,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include "cpu/group_norm_rows.h"
-#include "group_norm_common.h"
+#include "csrc/cpu/group_norm_rows.h"
+#include "csrc/group_norm_common.h"
 
 #include <vector>
 
@@ -160,11 +160,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_cpu(
   const GroupNormShape shape =
       check_group_norm_inputs(x, num_groups, weight, bias, "ldm::group_norm_silu");
   const at::ScalarType acc = stats_dtype(x);
-  at::Tensor y = at::empty_like(x);
-  const c10::optional<Layout> layout = layout_of(y);
-  // Unusual strides: compute in NCHW, copy into y's layout at the end.
-  at::Tensor out = layout ? y : at::empty_like(x, at::MemoryFormat::Contiguous);
-  const at::Tensor xin = with_layout_of(x, out);
+  const LayoutPlan plan = plan_layout(x, /*want_output=*/true);
+  const at::Tensor xin = plan.input(x);
   const at::Tensor w = param_as(weight, acc), b = param_as(bias, acc);
   at::Tensor mean = at::empty({shape.N, shape.G}, x.options().dtype(acc));
   at::Tensor rstd = at::empty_like(mean);
@@ -172,20 +169,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_cpu(
                                   "ldm_group_norm_silu_cpu", [&] {
     using acc_t = acc_type<scalar_t>;
     const ForwardArgs<scalar_t, acc_t> args{
-        xin.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
+        xin.const_data_ptr<scalar_t>(), plan.work.mutable_data_ptr<scalar_t>(),
         w.defined() ? w.const_data_ptr<acc_t>() : nullptr,
         b.defined() ? b.const_data_ptr<acc_t>() : nullptr,
         mean.mutable_data_ptr<acc_t>(), rstd.mutable_data_ptr<acc_t>(), shape,
         static_cast<acc_t>(eps)};
-    const bool channels_last = layout == Layout::kChannelsLast;
+    const bool channels_last = plan.channels_last();
     if (silu) {
       channels_last ? forward_channels_last<true>(args) : forward_contiguous<true>(args);
     } else {
       channels_last ? forward_channels_last<false>(args) : forward_contiguous<false>(args);
     }
   });
-  if (!layout) y.copy_(out);
-  return {y, mean, rstd};
+  plan.finish();
+  return {plan.result, mean, rstd};
 }
 
 }  // namespace

@@ -8,8 +8,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include "cpu/group_norm_rows.h"
-#include "group_norm_common.h"
+#include "csrc/cpu/group_norm_rows.h"
+#include "csrc/group_norm_common.h"
 
 #include <array>
 #include <vector>
@@ -30,44 +30,44 @@ struct BackwardArgs {
   const acc_t* bias;    // nullptr: zeros
   acc_t* dsx;           // [N, C]
   acc_t* db;            // [N, C]
-  GroupNormShape shape;
+  GroupNormShape s;
 
   acc_t w(int64_t c) const { return weight ? weight[c] : acc_t(1); }
   acc_t b(int64_t c) const { return bias ? bias[c] : acc_t(0); }
 
   // k2, k3 of group (n, g) from the pass-1 sums.
   BackwardGroupCoeffs<acc_t> group_coeffs(int64_t n, int64_t g) const {
-    const int64_t C = shape.C, D = shape.channels_per_group();
+    const int64_t C = s.C, D = s.channels_per_group();
     acc_t sum_w_db = 0, sum_w_dsx = 0;
     for (int64_t c = g * D; c < (g + 1) * D; ++c) {
       sum_w_db += w(c) * db[n * C + c];
       sum_w_dsx += w(c) * dsx[n * C + c];
     }
-    return group_norm_backward_coeffs(rstd[n * shape.G + g], sum_w_db, sum_w_dsx,
-                                      static_cast<acc_t>(D * shape.HW));
+    return group_norm_backward_coeffs(rstd[n * s.G + g], sum_w_db, sum_w_dsx,
+                                      static_cast<acc_t>(D * s.HW));
   }
 };
 
 // NCHW pass 1 for channel (n, c).
 template <bool kSilu, typename T, typename acc_t>
 void channel_sums(const BackwardArgs<T, acc_t>& a, int64_t n, int64_t c) {
-  const int64_t ng = n * a.shape.G + c / a.shape.channels_per_group();
-  const int64_t offset = (n * a.shape.C + c) * a.shape.HW;
+  const int64_t ng = n * a.s.G + c / a.s.channels_per_group();
+  const int64_t offset = (n * a.s.C + c) * a.s.HW;
   UniformSum<acc_t> dsx, db;
-  backward_sums_run<kSilu>(a.dy + offset, a.x + offset, a.shape.HW, Uniform<acc_t>{a.mean[ng]},
+  backward_sums_run<kSilu>(a.dy + offset, a.x + offset, a.s.HW, Uniform<acc_t>{a.mean[ng]},
                            Uniform<acc_t>{a.rstd[ng] * a.w(c)}, Uniform<acc_t>{a.b(c)}, dsx, db);
-  a.dsx[n * a.shape.C + c] = dsx.total();
-  a.db[n * a.shape.C + c] = db.total();
+  a.dsx[n * a.s.C + c] = dsx.total();
+  a.db[n * a.s.C + c] = db.total();
 }
 
 // NCHW pass 2 for channel (n, c) given its group's coefficients.
 template <bool kSilu, typename T, typename acc_t>
 void channel_apply(const BackwardArgs<T, acc_t>& a, int64_t n, int64_t c,
                    const BackwardGroupCoeffs<acc_t>& k) {
-  const int64_t ng = n * a.shape.G + c / a.shape.channels_per_group();
-  const int64_t offset = (n * a.shape.C + c) * a.shape.HW;
+  const int64_t ng = n * a.s.G + c / a.s.channels_per_group();
+  const int64_t offset = (n * a.s.C + c) * a.s.HW;
   const acc_t scale = a.rstd[ng] * a.w(c);
-  backward_apply_run<kSilu>(a.dy + offset, a.x + offset, a.dx + offset, a.shape.HW,
+  backward_apply_run<kSilu>(a.dy + offset, a.x + offset, a.dx + offset, a.s.HW,
                             Uniform<acc_t>{a.mean[ng]}, Uniform<acc_t>{scale},
                             Uniform<acc_t>{a.b(c)}, Uniform<acc_t>{scale},
                             Uniform<acc_t>{k.k2}, Uniform<acc_t>{k.k3});
@@ -75,7 +75,7 @@ void channel_apply(const BackwardArgs<T, acc_t>& a, int64_t n, int64_t c,
 
 template <bool kSilu, typename T, typename acc_t>
 void backward_contiguous(const BackwardArgs<T, acc_t>& a) {
-  const int64_t N = a.shape.N, C = a.shape.C, G = a.shape.G, D = a.shape.channels_per_group();
+  const int64_t N = a.s.N, C = a.s.C, G = a.s.G, D = a.s.channels_per_group();
   if (a.dx && N * G >= at::get_num_threads()) {
     // Both passes per (n, group) slab while it is in cache.
     at::parallel_for(0, N * G, 1, [&](int64_t begin, int64_t end) {
@@ -102,8 +102,8 @@ void backward_contiguous(const BackwardArgs<T, acc_t>& a) {
 
 template <bool kSilu, typename T, typename acc_t>
 void backward_channels_last(const BackwardArgs<T, acc_t>& a) {
-  const int64_t N = a.shape.N, C = a.shape.C, HW = a.shape.HW, G = a.shape.G;
-  const int64_t D = a.shape.channels_per_group();
+  const int64_t N = a.s.N, C = a.s.C, HW = a.s.HW, G = a.s.G;
+  const int64_t D = a.s.channels_per_group();
   // Per-(n, channel) parameters as vectors over a row.
   std::vector<acc_t> center(N * C), scale(N * C), shift(N * C);
   for (int64_t n = 0; n < N; ++n) {
@@ -182,54 +182,39 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_backward_cpu(
     const at::Tensor& rstd, const c10::optional<at::Tensor>& weight,
     const c10::optional<at::Tensor>& bias, int64_t num_groups, bool silu,
     std::array<bool, 3> output_mask) {
-  const char* op = "ldm::group_norm_silu_backward";
-  const GroupNormShape shape = check_group_norm_inputs(x, num_groups, weight, bias, op);
-  TORCH_CHECK(grad_y.sizes() == x.sizes() && grad_y.scalar_type() == x.scalar_type() &&
-              grad_y.device() == x.device(), op, ": grad_y must match x in shape, dtype and "
-              "device, got ", grad_y.sizes(), " ", grad_y.scalar_type(), " vs ", x.sizes(), " ",
-              x.scalar_type());
+  const GroupNormShape s =
+      check_group_norm_backward_inputs(grad_y, x, mean, rstd, weight, bias, num_groups);
   const at::ScalarType acc = stats_dtype(x);
-  for (const at::Tensor* t : {&mean, &rstd}) {
-    TORCH_CHECK(t->sizes() == at::IntArrayRef({shape.N, shape.G}) && t->scalar_type() == acc &&
-                t->device() == x.device(), op, ": mean/rstd must be [N, num_groups] ", acc,
-                " tensors from the forward, got ", t->sizes(), " ", t->scalar_type());
-  }
   const bool want_dx = output_mask[0];
-  at::Tensor dx = want_dx ? at::empty_like(x) : at::empty({0}, x.options());
-  const c10::optional<Layout> layout = want_dx ? layout_of(dx) : layout_of(x);
-  at::Tensor out = (!want_dx || layout) ? dx : at::empty_like(x, at::MemoryFormat::Contiguous);
-  const at::Tensor like = want_dx ? out : (layout ? x : x.contiguous());
-  const at::Tensor xin = with_layout_of(x, like), dyin = with_layout_of(grad_y, like);
+  const LayoutPlan plan = plan_layout(x, want_dx);
+  const at::Tensor xin = plan.input(x), dyin = plan.input(grad_y);
   const at::Tensor w = param_as(weight, acc), b = param_as(bias, acc);
   const at::Tensor mean_c = mean.contiguous(), rstd_c = rstd.contiguous();
-  at::Tensor dsx = at::empty({shape.N, shape.C}, x.options().dtype(acc));
+  at::Tensor dsx = at::empty({s.N, s.C}, x.options().dtype(acc));
   at::Tensor db = at::empty_like(dsx);
-  at::Tensor dweight = at::empty({w.defined() && output_mask[1] ? shape.C : 0}, dsx.options());
-  at::Tensor dbias = at::empty({b.defined() && output_mask[2] ? shape.C : 0}, dsx.options());
+  at::Tensor dweight = at::empty({w.defined() && output_mask[1] ? s.C : 0}, dsx.options());
+  at::Tensor dbias = at::empty({b.defined() && output_mask[2] ? s.C : 0}, dsx.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(),
                                   "ldm_group_norm_silu_backward_cpu", [&] {
     using acc_t = acc_type<scalar_t>;
     const BackwardArgs<scalar_t, acc_t> args{
         dyin.const_data_ptr<scalar_t>(), xin.const_data_ptr<scalar_t>(),
-        want_dx ? out.mutable_data_ptr<scalar_t>() : nullptr, mean_c.const_data_ptr<acc_t>(),
+        want_dx ? plan.work.mutable_data_ptr<scalar_t>() : nullptr, mean_c.const_data_ptr<acc_t>(),
         rstd_c.const_data_ptr<acc_t>(), w.defined() ? w.const_data_ptr<acc_t>() : nullptr,
         b.defined() ? b.const_data_ptr<acc_t>() : nullptr, dsx.mutable_data_ptr<acc_t>(),
-        db.mutable_data_ptr<acc_t>(), shape};
-    const bool channels_last = layout == Layout::kChannelsLast;
+        db.mutable_data_ptr<acc_t>(), s};
+    const bool channels_last = plan.channels_last();
     if (silu) {
       channels_last ? backward_channels_last<true>(args) : backward_contiguous<true>(args);
     } else {
       channels_last ? backward_channels_last<false>(args) : backward_contiguous<false>(args);
     }
-    parameter_grads(args.dsx, args.db, args.rstd, shape,
+    parameter_grads(args.dsx, args.db, args.rstd, s,
                     dweight.numel() ? dweight.mutable_data_ptr<acc_t>() : nullptr,
                     dbias.numel() ? dbias.mutable_data_ptr<acc_t>() : nullptr);
   });
-  if (want_dx && !layout) dx.copy_(out);
-  auto param_dtype = [&](const c10::optional<at::Tensor>& p, const at::Tensor& g) {
-    return g.numel() ? g.to(p->scalar_type()) : at::empty({0}, x.options());
-  };
-  return {dx, param_dtype(weight, dweight), param_dtype(bias, dbias)};
+  plan.finish();
+  return {plan.result, param_grad_as(weight, dweight, x), param_grad_as(bias, dbias, x)};
 }
 
 }  // namespace ldm::cpu

@@ -3,27 +3,14 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include "cpu/vec_helpers.h"
-#include "math.h"
-#include "sampler_step_common.h"
+#include "csrc/cpu/vec_helpers.h"
+#include "csrc/math.h"
+#include "csrc/sampler_step_common.h"
 
 namespace ldm::cpu {
 namespace {
 
 constexpr int64_t kGrain = 1 << 15;  // values per parallel task (small latents run on one thread)
-
-template <typename T>
-struct StepArgs {
-  const T* x;
-  const T* out;    // [B or 2B, C or 2C, ...]
-  const T* noise;  // nullptr: no noise
-  const T* prev;   // nullptr: no prev term
-  T* x_next;
-  T* x0;
-  const float* coeffs;
-  SamplerStepShape shape;
-  bool learned_variance;
-};
 
 // Broadcast scalar step coefficients into vector lanes.
 inline StepCoeffs<Vec> broadcast(const StepCoeffs<float>& k) {
@@ -120,27 +107,18 @@ std::tuple<at::Tensor, at::Tensor> sampler_step_cpu(const at::Tensor& x,
                                                     const c10::optional<at::Tensor>& prev,
                                                     int64_t prediction_type,
                                                     bool learned_variance) {
-  const SamplerStepShape shape = check_sampler_step_inputs(x, model_output, coeffs, noise, prev,
-                                                           prediction_type, learned_variance);
-  const at::Tensor xc = x.contiguous(), out = contiguous_as(model_output, x);
-  const at::Tensor noise_c = contiguous_as(noise, x), prev_c = contiguous_as(prev, x);
-  const at::Tensor coeffs_c = coeffs.contiguous();
-  at::Tensor x_next = at::empty_like(xc), x0 = at::empty_like(xc);
+  const SamplerStepTensors t = prepare_sampler_step(x, model_output, coeffs, noise, prev,
+                                                      prediction_type, learned_variance);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(),
                                   "ldm_sampler_step_cpu", [&] {
-    const StepArgs<scalar_t> args{
-        xc.const_data_ptr<scalar_t>(), out.const_data_ptr<scalar_t>(),
-        noise_c.defined() ? noise_c.const_data_ptr<scalar_t>() : nullptr,
-        prev_c.defined() ? prev_c.const_data_ptr<scalar_t>() : nullptr,
-        x_next.mutable_data_ptr<scalar_t>(), x0.mutable_data_ptr<scalar_t>(),
-        coeffs_c.const_data_ptr<float>(), shape, learned_variance};
+    const StepArgs<scalar_t> args = t.args<scalar_t>();
     switch (prediction_type) {
       case kPredEps: run_step<kPredEps>(args); break;
       case kPredV: run_step<kPredV>(args); break;
       default: run_step<kPredX0>(args); break;
     }
   });
-  return {x_next, x0};
+  return {t.x_next, t.x0};
 }
 
 }  // namespace

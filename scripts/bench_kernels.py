@@ -1,0 +1,189 @@
+"""Benchmark the fused kernels against the eager PyTorch they replace, side by side in one run.
+
+    .venv/bin/python scripts/bench_kernels.py            # the full table (CPU, 2 threads)
+    .venv/bin/python scripts/bench_kernels.py --quick    # two shapes, fewer repeats
+
+Prints a Markdown table: GroupNorm+SiLU forward and backward (fused vs eager
+F.silu(F.group_norm(x))) per shape, dtype and memory format, with the fused forward's GB/s
+beside a same-size copy_ (the machine's practical bandwidth); then the sampler update vs the
+eager sequence of ops it replaces. Times are medians of interleaved repeats.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ldm._extension import fused_device_types
+from ldm.kernels import (PredictionType, group_norm_silu, sampler_step, sampler_step_reference,
+                         step_coefficients)
+
+UNET_SHAPES = ["2x320x64x64", "2x640x32x32", "2x1280x16x16"]
+VAE_SHAPES = ["1x512x64x64", "1x128x256x256", "1x128x512x512"]
+SAMPLER_SHAPES = ["2x4x64x64", "2x4x128x128"]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", nargs="+", default=UNET_SHAPES + VAE_SHAPES,
+                   help="GroupNorm shapes NxCxHxW (default: U-Net and VAE shapes)")
+    p.add_argument("--sampler-shapes", nargs="+", default=SAMPLER_SHAPES,
+                   help="sampler-step latent shapes BxCxHxW")
+    p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=sorted(DTYPES))
+    p.add_argument("--formats", nargs="+", default=["nchw", "channels_last"],
+                   choices=["nchw", "channels_last"])
+    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (CPU)")
+    p.add_argument("--repeats", type=int, default=7, help="timed samples per measurement")
+    p.add_argument("--min-sample-ms", type=float, default=20.0,
+                   help="each sample loops the op at least this long")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--no-backward", action="store_true", help="forward only")
+    p.add_argument("--quick", action="store_true",
+                   help="one U-Net and one VAE shape, 3 repeats (a smoke run)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.shapes, args.repeats, args.min_sample_ms = [UNET_SHAPES[0], VAE_SHAPES[0]], 3, 5.0
+        args.sampler_shapes = SAMPLER_SHAPES[:1]
+    return args
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    """'2x320x64x64' -> (2, 320, 64, 64)."""
+    return tuple(int(v) for v in text.lower().split("x"))
+
+
+class Timer:
+    """Medians of interleaved samples: every candidate is timed once per round."""
+
+    def __init__(self, device: str, repeats: int, min_sample_s: float) -> None:
+        self.device, self.repeats, self.min_sample_s = device, repeats, min_sample_s
+
+    def _sync(self) -> None:
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+
+    def _loops(self, fn: Callable[[], object]) -> int:
+        """Calls per sample so that one sample lasts at least min_sample_s."""
+        fn()  # warm-up
+        self._sync()
+        start = time.perf_counter()
+        fn()
+        self._sync()
+        once = max(time.perf_counter() - start, 1e-7)
+        return max(1, int(self.min_sample_s / once))
+
+    def compare(self, fns: dict[str, Callable[[], object]]) -> dict[str, float]:
+        """Median seconds per call of each function, sampled round-robin."""
+        loops = {name: self._loops(fn) for name, fn in fns.items()}
+        samples: dict[str, list[float]] = {name: [] for name in fns}
+        for _ in range(self.repeats):
+            for name, fn in fns.items():
+                self._sync()
+                start = time.perf_counter()
+                for _ in range(loops[name]):
+                    fn()
+                self._sync()
+                samples[name].append((time.perf_counter() - start) / loops[name])
+        return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def group_norm_row(timer: Timer, shape: tuple[int, ...], dtype: torch.dtype, fmt: str,
+                   device: str, backward: bool) -> dict[str, float]:
+    """Forward/backward times of fused vs eager GroupNorm+SiLU and a same-size copy_."""
+    groups = 32
+    eps = 1e-5 if shape[0] == 2 else 1e-6  # U-Net vs VAE GroupNorm
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
+    if fmt == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    w = torch.randn(shape[1], generator=gen).to(device=device, dtype=dtype)
+    b = torch.randn(shape[1], generator=gen).to(device=device, dtype=dtype)
+    out = torch.empty_like(x)
+
+    def eager(x_, w_, b_):
+        return F.silu(F.group_norm(x_, groups, w_, b_, eps))
+
+    def fused(x_, w_, b_):
+        return group_norm_silu(x_, groups, w_, b_, eps)
+
+    with torch.no_grad():
+        t = timer.compare({"fused": lambda: fused(x, w, b), "eager": lambda: eager(x, w, b),
+                           "copy": lambda: out.copy_(x)})
+    row = {"fwd_fused": t["fused"], "fwd_eager": t["eager"], "copy": t["copy"]}
+    if backward:
+        xg, wg, bg = (v.detach().requires_grad_() for v in (x, w, b))
+        grad_y = torch.randn_like(x)
+        graphs = {name: fn(xg, wg, bg) for name, fn in (("fused", fused), ("eager", eager))}
+
+        def grads(y):
+            return lambda: torch.autograd.grad(y, (xg, wg, bg), grad_y, retain_graph=True)
+
+        t = timer.compare({name: grads(y) for name, y in graphs.items()})
+        row.update(bwd_fused=t["fused"], bwd_eager=t["eager"])
+    return row
+
+
+def sampler_row(timer: Timer, shape: tuple[int, ...], device: str) -> dict[str, float]:
+    """Fused sampler step vs the eager sequence (guided eps-DDIM step with noise)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=gen).to(device)
+    out = torch.randn((2 * shape[0], *shape[1:]), generator=gen).to(device)
+    noise = torch.randn(shape, generator=gen).to(device)
+    coeffs = step_coefficients(a=0.8, s=0.6, guidance_scale=7.5, c_x0=0.9, c_eps=0.42,
+                               c_noise=0.1).to(device)
+    t = timer.compare({
+        "fused": lambda: sampler_step(x, out, coeffs, noise, None, PredictionType.EPS),
+        "eager": lambda: sampler_step_reference(x, out, coeffs, noise, None, PredictionType.EPS)})
+    return {"fused": t["fused"], "eager": t["eager"]}
+
+
+def gbps(nbytes: int, seconds: float) -> float:
+    """Bytes moved per second in GB/s."""
+    return nbytes / seconds / 1e9
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark and print the tables."""
+    args = parse_args(argv)
+    if args.device == "cpu":
+        torch.set_num_threads(args.threads)
+    fused_on = args.device in fused_device_types("group_norm_silu")
+    print(f"device={args.device} threads={torch.get_num_threads()} torch={torch.__version__} "
+          f"fused_kernels={'yes' if fused_on else 'NO (reference path)'} repeats={args.repeats}")
+    timer = Timer(args.device, args.repeats, args.min_sample_ms / 1e3)
+    print("\n| shape | dtype | format | fwd fused ms | fwd eager ms | fwd x | fused GB/s | "
+          "copy GB/s | % of copy | bwd fused ms | bwd eager ms | bwd x |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for shape_text in args.shapes:
+        shape = parse_shape(shape_text)
+        for dname in args.dtypes:
+            for fmt in args.formats:
+                r = group_norm_row(timer, shape, DTYPES[dname], fmt, args.device,
+                                   not args.no_backward)
+                nbytes = 2 * torch.Size(shape).numel() * DTYPES[dname].itemsize  # read + write
+                fused_bw, copy_bw = gbps(nbytes, r["fwd_fused"]), gbps(nbytes, r["copy"])
+                bwd = (f"{r['bwd_fused'] * 1e3:.2f} | {r['bwd_eager'] * 1e3:.2f} | "
+                       f"{r['bwd_eager'] / r['bwd_fused']:.2f}" if "bwd_fused" in r else "- | - | -")
+                print(f"| {shape_text} | {dname} | {fmt} | {r['fwd_fused'] * 1e3:.2f} | "
+                      f"{r['fwd_eager'] * 1e3:.2f} | {r['fwd_eager'] / r['fwd_fused']:.2f} | "
+                      f"{fused_bw:.1f} | {copy_bw:.1f} | {100 * fused_bw / copy_bw:.0f}% | {bwd} |",
+                      flush=True)
+    print("\n| sampler step (guided eps, noise) | fused us | eager us | x |")
+    print("|---|---:|---:|---:|")
+    for shape_text in args.sampler_shapes:
+        r = sampler_row(timer, parse_shape(shape_text), args.device)
+        print(f"| {shape_text} fp32 | {r['fused'] * 1e6:.1f} | {r['eager'] * 1e6:.1f} | "
+              f"{r['eager'] / r['fused']:.2f} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
