@@ -51,7 +51,10 @@ class AttnBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         b, c, h, w = x.shape
         hn = self.norm(x)
-        q, k, v = (conv(hn).reshape(b, 1, c, h * w).transpose(2, 3) for conv in (self.q, self.k, self.v))
+        # [B, 1, HW, C] with unit stride along C (free in channels_last): the CPU's flash SDPA
+        # needs it, else the math fallback materialises the HW x HW attention matrix.
+        q, k, v = (conv(hn).reshape(b, 1, c, h * w).transpose(2, 3).contiguous()
+                   for conv in (self.q, self.k, self.v))
         dtype = q.dtype
         if sdpa_needs_upcast(q):
             q, k, v = q.float(), k.float(), v.float()  # softmax in fp32, as SD
