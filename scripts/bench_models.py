@@ -157,7 +157,7 @@ def measure_memory(side: str, case: Case, opts: argparse.Namespace) -> float:
     """Peak RSS (MiB) of a fresh subprocess that builds one model and runs the call twice."""
     cmd = [sys.executable, __file__, "--_memory", json.dumps([side, case.net, case.latent,
                                                                 case.precision]),
-           "--threads", str(opts.threads)] + (["--channels-last"] if opts.channels_last else [])
+           "--threads", str(opts.threads), "--channels-last" if opts.channels_last else "--no-channels-last"]
     if side == "peer" or not opts.allocator:  # the peer as its users run it: default glibc
         cmd.append("--no-allocator-tuning")
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -253,8 +253,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-memory", dest="memory", action="store_false",
                         help="skip the peak-memory subprocesses")
-    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=False,
-                        help="run ours in channels_last memory format")
+    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                        help="run ours in channels_last memory format (default on)")
     parser.add_argument("--no-allocator-tuning", dest="allocator", action="store_false")
     parser.add_argument("--_memory", help=argparse.SUPPRESS)
     opts = parser.parse_args()
