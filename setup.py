@@ -48,18 +48,22 @@ def _find_cuda_home() -> str | None:
 
 
 def _host_simd_flags() -> list[str]:
-    """AVX2+FMA flags (and PyTorch's matching vector capability) when the build host has them.
+    """Vector ISA flags (and PyTorch's matching at::vec capability) for the build host.
 
     The extension is built on the machine that runs it (`pip install -e .`), so the CPU
-    kernels use the widest vector path PyTorch's at::vec offers on AVX2 hosts; elsewhere
-    at::vec's portable default path is used.
+    kernels use the widest at::vec path the host supports: AVX-512, else AVX2+FMA, else
+    at::vec's portable default.
     """
     try:
         with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+            flags = set(next((line.split(":", 1)[1].split() for line in f
+                              if line.startswith("flags")), []))
     except OSError:
         return []
-    if {"avx2", "fma", "f16c"} <= set(flags):
+    if {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma", "f16c"} <= flags:
+        return ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma",
+                "-mf16c", "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"]
+    if {"avx2", "fma", "f16c"} <= flags:
         return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
     return []
 

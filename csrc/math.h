@@ -19,6 +19,12 @@ C10_HOST_DEVICE inline T silu_from_sigmoid(T z, T sig) {
   return z * sig;
 }
 
+// silu(z) = z / (1 + exp(-z)); the caller passes e = exp(-z). One division, no sigmoid.
+template <typename T>
+C10_HOST_DEVICE inline T silu_from_exp_neg(T z, T e, T one) {
+  return z / (one + e);
+}
+
 // d silu / dz = sig * (1 + z * (1 - sig)).
 template <typename T>
 C10_HOST_DEVICE inline T silu_grad_from_sigmoid(T z, T sig, T one) {

@@ -6,7 +6,7 @@
 Prints a Markdown table: GroupNorm+SiLU forward and backward (fused vs eager
 F.silu(F.group_norm(x))) per shape, dtype and memory format, with the fused forward's GB/s
 beside a same-size copy_ (the machine's practical bandwidth); then the sampler update vs the
-eager sequence of ops it replaces. Times are medians of interleaved repeats.
+eager sequence of ops it replaces. Times are medians (or --stat min) of interleaved repeats.
 """
 from __future__ import annotations
 
@@ -41,16 +41,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--formats", nargs="+", default=["nchw", "channels_last"],
                    choices=["nchw", "channels_last"])
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (CPU)")
-    p.add_argument("--repeats", type=int, default=7, help="timed samples per measurement")
-    p.add_argument("--min-sample-ms", type=float, default=20.0,
+    p.add_argument("--repeats", type=int, default=11, help="timed samples per measurement")
+    p.add_argument("--min-sample-ms", type=float, default=10.0,
                    help="each sample loops the op at least this long")
+    p.add_argument("--stat", choices=["median", "min"], default="median",
+                   help="statistic over samples (min is robust when other jobs share the CPU)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no-backward", action="store_true", help="forward only")
     p.add_argument("--quick", action="store_true",
-                   help="one U-Net and one VAE shape, 3 repeats (a smoke run)")
+                   help="one U-Net and one VAE shape, 5 repeats (a smoke run)")
     args = p.parse_args(argv)
     if args.quick:
-        args.shapes, args.repeats, args.min_sample_ms = [UNET_SHAPES[0], VAE_SHAPES[0]], 3, 5.0
+        args.shapes, args.repeats = [UNET_SHAPES[0], VAE_SHAPES[0]], 5
         args.sampler_shapes = SAMPLER_SHAPES[:1]
     return args
 
@@ -63,8 +65,9 @@ def parse_shape(text: str) -> tuple[int, ...]:
 class Timer:
     """Medians of interleaved samples: every candidate is timed once per round."""
 
-    def __init__(self, device: str, repeats: int, min_sample_s: float) -> None:
+    def __init__(self, device: str, repeats: int, min_sample_s: float, stat: str) -> None:
         self.device, self.repeats, self.min_sample_s = device, repeats, min_sample_s
+        self.stat = statistics.median if stat == "median" else min
 
     def _sync(self) -> None:
         if self.device == "cuda":
@@ -81,7 +84,7 @@ class Timer:
         return max(1, int(self.min_sample_s / once))
 
     def compare(self, fns: dict[str, Callable[[], object]]) -> dict[str, float]:
-        """Median seconds per call of each function, sampled round-robin."""
+        """Seconds per call of each function (median or min of samples), sampled round-robin."""
         loops = {name: self._loops(fn) for name, fn in fns.items()}
         samples: dict[str, list[float]] = {name: [] for name in fns}
         for _ in range(self.repeats):
@@ -92,7 +95,7 @@ class Timer:
                     fn()
                 self._sync()
                 samples[name].append((time.perf_counter() - start) / loops[name])
-        return {name: statistics.median(s) for name, s in samples.items()}
+        return {name: self.stat(s) for name, s in samples.items()}
 
 
 def group_norm_row(timer: Timer, shape: tuple[int, ...], dtype: torch.dtype, fmt: str,
@@ -157,8 +160,9 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     fused_on = args.device in fused_device_types("group_norm_silu")
     print(f"device={args.device} threads={torch.get_num_threads()} torch={torch.__version__} "
-          f"fused_kernels={'yes' if fused_on else 'NO (reference path)'} repeats={args.repeats}")
-    timer = Timer(args.device, args.repeats, args.min_sample_ms / 1e3)
+          f"fused_kernels={'yes' if fused_on else 'NO (reference path)'} repeats={args.repeats} "
+          f"stat={args.stat}")
+    timer = Timer(args.device, args.repeats, args.min_sample_ms / 1e3, args.stat)
     print("\n| shape | dtype | format | fwd fused ms | fwd eager ms | fwd x | fused GB/s | "
           "copy GB/s | % of copy | bwd fused ms | bwd eager ms | bwd x |")
     print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")

@@ -60,27 +60,26 @@ Moments<acc_t> contiguous_moments(const T* x, int64_t n) {
   for (int64_t start = 0; start < n; start += kChunk) {
     const int64_t len = std::min(kChunk, n - start);
     const T* p = x + start;
-    UniformSum<acc_t> sum;
+    acc_t sum = 0, m2 = 0;
     int64_t i = 0;
     if constexpr (kHasVecPath<T>) {
-      for (; i + kLanes <= len; i += kLanes) sum.add(i, load_lanes(p + i));
+      sum = reduce_lanes(accumulate_lanes(p, len, i, [](const Vec& v) { return v; }));
     }
-    for (; i < len; ++i) sum.add(i, static_cast<acc_t>(p[i]));
-    const acc_t mean = sum.total() / static_cast<acc_t>(len);
-    UniformSum<acc_t> sq;
+    for (; i < len; ++i) sum += static_cast<acc_t>(p[i]);
+    const acc_t mean = sum / static_cast<acc_t>(len);
     i = 0;
     if constexpr (kHasVecPath<T>) {
       const Vec vmean(static_cast<float>(mean));
-      for (; i + kLanes <= len; i += kLanes) {
-        const Vec d = load_lanes(p + i) - vmean;
-        sq.add(i, d * d);
-      }
+      m2 = reduce_lanes(accumulate_lanes(p, len, i, [&](const Vec& v) {
+        const Vec d = v - vmean;
+        return d * d;
+      }));
     }
     for (; i < len; ++i) {
       const acc_t d = static_cast<acc_t>(p[i]) - mean;
-      sq.add(i, d * d);
+      m2 += d * d;
     }
-    total = chan_merge(total, Moments<acc_t>{static_cast<acc_t>(len), mean, sq.total()});
+    total = chan_merge(total, Moments<acc_t>{static_cast<acc_t>(len), mean, m2});
   }
   return total;
 }
@@ -118,13 +117,13 @@ void apply_run(const T* x, T* y, int64_t n, const P& scale, const P& shift) {
   if constexpr (kHasVecPath<T>) {
     for (; i + kLanes <= n; i += kLanes) {
       Vec z = at::vec::fmadd(load_lanes(x + i), scale.vec(i), shift.vec(i));
-      if constexpr (kSilu) z = silu_from_sigmoid(z, sigmoid(z));
+      if constexpr (kSilu) z = silu(z);
       store_lanes(y + i, z);
     }
   }
   for (; i < n; ++i) {
     acc_t z = static_cast<acc_t>(x[i]) * scale.at(i) + shift.at(i);
-    if constexpr (kSilu) z = silu_from_sigmoid(z, sigmoid(z));
+    if constexpr (kSilu) z = silu(z);
     y[i] = static_cast<T>(z);
   }
 }
@@ -144,15 +143,17 @@ inline acc_t upstream_grad(acc_t dy, acc_t xc, acc_t scale, acc_t shift) {
   return dy * silu_grad_from_sigmoid(z, sigmoid(z), acc_t(1));
 }
 
-// Backward pass 1 over a run: dsx += dz * (x - center), db += dz.
+// Backward pass 1 over a run: dsx += dz * (x - center), db += dz; dz is also stored to
+// dz_out when given (so pass 2 need not recompute the SiLU derivative).
 template <bool kSilu, typename T, typename P, typename S, typename acc_t = acc_type<T>>
 void backward_sums_run(const T* dy, const T* x, int64_t n, const P& center, const P& scale,
-                       const P& shift, S& dsx, S& db) {
+                       const P& shift, S& dsx, S& db, acc_t* dz_out = nullptr) {
   int64_t i = 0;
   if constexpr (kHasVecPath<T>) {
     for (; i + kLanes <= n; i += kLanes) {
       const Vec xc = load_lanes(x + i) - center.vec(i);
       const Vec dz = upstream_grad<kSilu>(load_lanes(dy + i), xc, scale.vec(i), shift.vec(i));
+      if (dz_out) dz.store(dz_out + i);
       dsx.add(i, dz * xc);
       db.add(i, dz);
     }
@@ -160,8 +161,26 @@ void backward_sums_run(const T* dy, const T* x, int64_t n, const P& center, cons
   for (; i < n; ++i) {
     const acc_t xc = static_cast<acc_t>(x[i]) - center.at(i);
     const acc_t dz = upstream_grad<kSilu>(static_cast<acc_t>(dy[i]), xc, scale.at(i), shift.at(i));
+    if (dz_out) dz_out[i] = dz;
     dsx.add(i, dz * xc);
     db.add(i, dz);
+  }
+}
+
+// Backward pass 2 from stored dz: dx = k1 * dz + k2 * (x - center) + k3 (uniform parameters).
+template <typename T, typename acc_t = acc_type<T>>
+void backward_apply_stored_run(const acc_t* dz, const T* x, T* dx, int64_t n, acc_t center,
+                               acc_t k1, acc_t k2, acc_t k3) {
+  int64_t i = 0;
+  if constexpr (kHasVecPath<T>) {
+    const Vec vc(center), v1(k1), v2(k2), v3(k3);
+    for (; i + kLanes <= n; i += kLanes) {
+      const Vec xc = load_lanes(x + i) - vc;
+      store_lanes(dx + i, at::vec::fmadd(v1, Vec::loadu(dz + i), at::vec::fmadd(v2, xc, v3)));
+    }
+  }
+  for (; i < n; ++i) {
+    dx[i] = static_cast<T>(k1 * dz[i] + k2 * (static_cast<acc_t>(x[i]) - center) + k3);
   }
 }
 

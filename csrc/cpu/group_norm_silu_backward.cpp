@@ -48,14 +48,16 @@ struct BackwardArgs {
   }
 };
 
-// NCHW pass 1 for channel (n, c).
+// NCHW pass 1 for channel (n, c); stores dz to dz_out when given.
 template <bool kSilu, typename T, typename acc_t>
-void channel_sums(const BackwardArgs<T, acc_t>& a, int64_t n, int64_t c) {
+void channel_sums(const BackwardArgs<T, acc_t>& a, int64_t n, int64_t c,
+                  acc_t* dz_out = nullptr) {
   const int64_t ng = n * a.s.G + c / a.s.channels_per_group();
   const int64_t offset = (n * a.s.C + c) * a.s.HW;
   UniformSum<acc_t> dsx, db;
   backward_sums_run<kSilu>(a.dy + offset, a.x + offset, a.s.HW, Uniform<acc_t>{a.mean[ng]},
-                           Uniform<acc_t>{a.rstd[ng] * a.w(c)}, Uniform<acc_t>{a.b(c)}, dsx, db);
+                           Uniform<acc_t>{a.rstd[ng] * a.w(c)}, Uniform<acc_t>{a.b(c)}, dsx, db,
+                           dz_out);
   a.dsx[n * a.s.C + c] = dsx.total();
   a.db[n * a.s.C + c] = db.total();
 }
@@ -77,13 +79,22 @@ template <bool kSilu, typename T, typename acc_t>
 void backward_contiguous(const BackwardArgs<T, acc_t>& a) {
   const int64_t N = a.s.N, C = a.s.C, G = a.s.G, D = a.s.channels_per_group();
   if (a.dx && N * G >= at::get_num_threads()) {
-    // Both passes per (n, group) slab while it is in cache.
+    // Both passes per (n, group) slab while it is in cache; pass 1 keeps dz in a per-thread
+    // fp32 buffer so pass 2 does not evaluate the SiLU derivative again.
+    const int64_t HW = a.s.HW;
     at::parallel_for(0, N * G, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> dz(D * HW);
       for (int64_t ng = begin; ng < end; ++ng) {
         const int64_t n = ng / G, g = ng % G;
-        for (int64_t c = g * D; c < (g + 1) * D; ++c) channel_sums<kSilu>(a, n, c);
+        for (int64_t c = g * D; c < (g + 1) * D; ++c) {
+          channel_sums<kSilu>(a, n, c, dz.data() + (c - g * D) * HW);
+        }
         const BackwardGroupCoeffs<acc_t> k = a.group_coeffs(n, g);
-        for (int64_t c = g * D; c < (g + 1) * D; ++c) channel_apply<kSilu>(a, n, c, k);
+        for (int64_t c = g * D; c < (g + 1) * D; ++c) {
+          const int64_t offset = (n * C + c) * HW;
+          backward_apply_stored_run(dz.data() + (c - g * D) * HW, a.x + offset, a.dx + offset, HW,
+                                    a.mean[ng], a.rstd[ng] * a.w(c), k.k2, k.k3);
+        }
       }
     });
     return;

@@ -9,6 +9,8 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include "csrc/math.h"
+
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
@@ -59,6 +61,31 @@ inline Vec sigmoid(const Vec& z) {
 template <typename acc_t>
 inline acc_t sigmoid(acc_t z) {
   return acc_t(1) / (acc_t(1) + std::exp(-z));
+}
+
+// silu(z) with one vectorised exp and one division.
+inline Vec silu(const Vec& z) {
+  return silu_from_exp_neg(z, z.neg().exp_u20(), Vec(1.0f));
+}
+
+template <typename acc_t>
+inline acc_t silu(acc_t z) {
+  return silu_from_exp_neg(z, std::exp(-z), acc_t(1));
+}
+
+// Sum over [i, n) of f(kLanes values at p + j) with four independent accumulators (so the
+// adds pipeline instead of waiting on one another); advances i past the vectorised part.
+template <typename T, typename F>
+inline Vec accumulate_lanes(const T* p, int64_t n, int64_t& i, F f) {
+  Vec a0(0.0f), a1(0.0f), a2(0.0f), a3(0.0f);
+  for (; i + 4 * kLanes <= n; i += 4 * kLanes) {
+    a0 = a0 + f(load_lanes(p + i));
+    a1 = a1 + f(load_lanes(p + i + kLanes));
+    a2 = a2 + f(load_lanes(p + i + 2 * kLanes));
+    a3 = a3 + f(load_lanes(p + i + 3 * kLanes));
+  }
+  for (; i + kLanes <= n; i += kLanes) a0 = a0 + f(load_lanes(p + i));
+  return (a0 + a1) + (a2 + a3);
 }
 
 // Sum of the lanes in a fixed order (deterministic).
