@@ -34,9 +34,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="classify the dataset's own rendered images instead of generating")
     p.add_argument("--num", type=int, default=2000, help="--dataset: number of images (default 2000)")
     p.add_argument("--seed", type=int, default=0, help="base seed; triple i uses seed + i (default 0)")
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the pipeline's)")
-    p.add_argument("--sampler", default=None, help="sampler name (default: the pipeline's)")
-    p.add_argument("--scale", type=float, default=None, help="guidance scale (default: the pipeline's)")
+    p.add_argument("--steps", type=int, default=50, help="sampling steps (default 50, as txt2img.py)")
+    p.add_argument("--sampler", default="ddim", help="sampler name (default ddim, as txt2img.py)")
+    p.add_argument("--scale", type=float, default=7.5, help="guidance scale (default 7.5, as txt2img.py)")
+    p.add_argument("--batch", type=int, default=24, help="prompts generated together (default 24)")
     p.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
     p.add_argument("--outdir", default="outputs/eval_shapes",
                    help="where grid.png and results.json go (default outputs/eval_shapes)")
@@ -46,8 +47,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--num must be >= 1")
     if args.size < 16:
         p.error("--size must be >= 16")
-    if args.steps is not None and args.steps < 1:
+    if args.steps < 1:
         p.error("--steps must be >= 1")
+    if args.batch < 1:
+        p.error("--batch must be >= 1")
     return args
 
 
@@ -106,37 +109,55 @@ def evaluate_dataset(args: argparse.Namespace) -> tuple[dict, dict, dict]:
     return summarise(truth, pred), images, preds
 
 
-def evaluate_model(args: argparse.Namespace) -> tuple[dict, dict, dict]:
-    """Generate one image per triple with seed + index and classify it."""
+def generate_images(pipe, prompts: list[str], first_seed: int, args: argparse.Namespace) -> list[np.ndarray]:
+    """RGB arrays for `prompts` (prompt k with seed first_seed + k), batched exactly as txt2img."""
     import torch
 
+    from ldm.diffusion.noise import randn, seeded_generators
+    from ldm.generate import latents_to_images
+
+    with torch.inference_mode():
+        context = pipe.encode_prompt(prompts)
+        uncond = pipe.encode_prompt([""] * len(prompts)) if args.scale != 1 else None
+    factor = pipe.downsampling_factor
+    generators = seeded_generators(first_seed, len(prompts))
+    shape = (len(prompts), pipe.latent_channels, args.size // factor, args.size // factor)
+    x_T = randn(shape, generators, pipe.device, pipe.dtype)
+    latents = pipe.sample(context, uncond, x_T, steps=args.steps, sampler=args.sampler, eta=None,
+                          guidance_scale=args.scale, generator=generators)
+    return [np.asarray(image.convert("RGB")) for image in latents_to_images(pipe, latents)]
+
+
+def evaluate_model(args: argparse.Namespace) -> tuple[dict, dict, dict]:
+    """Generate one image per triple (triple i with seed + i) and classify it."""
     import ldm
 
     ckpt = Path(args.ckpt) if args.ckpt else DEFAULT_MODEL
     if not ckpt.is_file():
         raise ValueError(f"checkpoint not found: {ckpt}")
-    torch.set_num_threads(max(1, min(torch.get_num_threads(), 4)))
     pipe = ldm.load_pipeline(str(ckpt), device=args.device)
-    options = {k: v for k, v in [("steps", args.steps), ("sampler", args.sampler),
-                                  ("guidance_scale", args.scale)] if v is not None}
+    triples = all_triples()
     truth, pred, images, preds = [], [], {}, {}
-    for index, triple in enumerate(tqdm(all_triples(), desc="generate")):
-        (image,) = pipe.txt2img(caption(triple), height=args.size, width=args.size,
-                                seed=args.seed + index, num_images=1, **options)
-        pixels = np.asarray(image.convert("RGB"))
-        got = classify(pixels).triple
-        truth.append(triple)
-        pred.append(got)
-        images[triple], preds[triple] = pixels, got
+    with tqdm(total=len(triples), desc="generate") as bar:
+        for start in range(0, len(triples), args.batch):
+            chunk = triples[start:start + args.batch]
+            for triple, pixels in zip(chunk, generate_images(pipe, [caption(t) for t in chunk],
+                                                              args.seed + start, args)):
+                got = classify(pixels).triple
+                truth.append(triple)
+                pred.append(got)
+                images[triple], preds[triple] = pixels, got
+            bar.update(len(chunk))
     return summarise(truth, pred), images, preds
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the evaluation, print the table, write grid.png and results.json."""
     args = parse_args(argv)
+    from ldm.errors import LdmError
     try:
         summary, images, preds = evaluate_dataset(args) if args.dataset else evaluate_model(args)
-    except (ValueError, FileNotFoundError, RuntimeError, KeyError, OSError) as err:
+    except (ValueError, LdmError, RuntimeError, KeyError, OSError) as err:
         print(f"error: {str(err).splitlines()[0] if str(err) else type(err).__name__}", file=sys.stderr)
         return 2
     print_summary(summary)

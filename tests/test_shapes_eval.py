@@ -46,36 +46,36 @@ def test_dataset_mode_scores_100_percent(tmp_path):
     assert "all three" in out.stdout and (tmp_path / "grid.png").is_file()
 
 
-class _PerfectPipe:
-    """Stands in for ldm's pipeline: 'generates' the true image for the canonical caption."""
-
-    def __init__(self, broken_shape: str | None = None) -> None:
-        self.calls: list[tuple[str, int]] = []
-        self.broken_shape = broken_shape
-
-    def txt2img(self, prompt, height, width, seed, num_images, **options):
-        self.calls.append((prompt, seed))
-        words = prompt.split()
-        color, shape, background = words[1], words[2], words[5]
-        assert prompt == CAPTION_TEMPLATES[0].format(color=color, shape=shape, background=background)
-        if shape == self.broken_shape:
-            shape = "circle" if shape != "circle" else "square"
-        spec = ShapeSpec(color, shape, background, x0=10.0, y0=12.0, side=0.5 * width)
-        return [Image.fromarray(render(spec, width))]
+def _fake_generate(broken_shape: str | None, calls: list):
+    """Stands in for generate_images: 'generates' the true image of each canonical caption."""
+    def generate(pipe, prompts, first_seed, args):
+        calls.append((list(prompts), first_seed))
+        out = []
+        for prompt in prompts:
+            words = prompt.split()
+            color, shape, background = words[1], words[2], words[5]
+            assert prompt == CAPTION_TEMPLATES[0].format(color=color, shape=shape, background=background)
+            if shape == broken_shape:
+                shape = "circle" if shape != "circle" else "square"
+            out.append(render(ShapeSpec(color, shape, background, x0=10.0, y0=12.0, side=0.5 * args.size), args.size))
+        return out
+    return generate
 
 
 @pytest.mark.parametrize("broken", [None, "triangle"])
-def test_generation_loop_with_a_stub_pipeline(tmp_path, monkeypatch, broken):
+def test_generation_loop(tmp_path, monkeypatch, broken):
     import ldm
 
     ev = _load_script()
-    pipe = _PerfectPipe(broken_shape=broken)
-    monkeypatch.setattr(ldm, "load_pipeline", lambda path, **kw: pipe, raising=False)
+    calls: list = []
+    monkeypatch.setattr(ev, "generate_images", _fake_generate(broken, calls))
+    monkeypatch.setattr(ldm, "load_pipeline", lambda path, **kw: object(), raising=False)
     ckpt = tmp_path / "model.safetensors"
     ckpt.write_bytes(b"stub")
-    assert ev.main(["--ckpt", str(ckpt), "--seed", "100", "--outdir", str(tmp_path / "out")]) == 0
-    assert len(pipe.calls) == 168 and len({p for p, _ in pipe.calls}) == 168
-    assert [s for _, s in pipe.calls] == list(range(100, 268))       # fixed seeds: seed + index
+    assert ev.main(["--ckpt", str(ckpt), "--seed", "100", "--batch", "50", "--outdir", str(tmp_path / "out")]) == 0
+    prompts = [p for batch, _ in calls for p in batch]
+    assert len(prompts) == len(set(prompts)) == 168
+    assert [first for _, first in calls] == [100, 150, 200, 250]     # fixed seeds: seed + index
     summary = json.loads((tmp_path / "out" / "results.json").read_text())["summary"]
     if broken is None:
         assert summary["all"] == 100.0 and summary["held_out_all"] == 100.0
@@ -84,10 +84,25 @@ def test_generation_loop_with_a_stub_pipeline(tmp_path, monkeypatch, broken):
         assert summary["held_out_all"] == pytest.approx(100 * 5 / 8)   # 3 held-out triangles
     grid = Image.open(tmp_path / "out" / "grid.png")
     assert grid.size == (len(COLORS) * 68 + 4, len(COLORS) * len(SHAPES) * 68 + 4)
-    # A misread cell gets a red frame; the first row is (red, circle), the second (red, square).
+    # A misread cell gets a red frame; rows go (red, circle), (red, square), (red, triangle), ...
     frame = np.asarray(grid)[4 + 2 * 68 - 2, 4 + 68 + 10]          # top frame of (red, triangle, green)
     assert (tuple(frame) == (255, 0, 0)) == (broken == "triangle")
     assert len(HELD_OUT_TRIPLES) == summary["held_out_count"]
+
+
+def test_batched_generation_equals_txt2img_one_by_one():
+    from ldm.pipeline import Pipeline
+    from test_shapes_export import _tiny_config
+
+    ev = _load_script()
+    pipe = Pipeline.from_config(_tiny_config(), seed=3)
+    args = ev.parse_args(["--steps", "3", "--scale", "3", "--size", "16"])
+    prompts = ["a red circle on a blue background", "a green square on a white background"]
+    batched = ev.generate_images(pipe, prompts, 7, args)
+    for k, prompt in enumerate(prompts):
+        (single,) = pipe.txt2img(prompt, height=16, width=16, steps=3, sampler="ddim",
+                                 guidance_scale=3.0, seed=7 + k)
+        assert np.abs(np.asarray(single, dtype=int) - batched[k].astype(int)).max() <= 1
 
 
 def test_missing_checkpoint_is_one_line(tmp_path):
