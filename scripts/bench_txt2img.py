@@ -47,7 +47,7 @@ def timed_methods(targets: dict[str, tuple[object, str]],
             delattr(obj, method)  # back to the class's method
 
 
-def load(model: str, dtype: torch.dtype, channels_last: bool) -> "object":
+def load(model: str, dtype: torch.dtype, channels_last: bool, compile: bool = False) -> "object":
     """A Pipeline: the SD 2.1-base architecture with random weights, or a checkpoint file."""
     import ldm
     from ldm.pipeline import Pipeline
@@ -56,7 +56,7 @@ def load(model: str, dtype: torch.dtype, channels_last: bool) -> "object":
     else:
         pipe = ldm.load_pipeline(Path(model), dtype=dtype)
     pipe.text_encoder.eval().requires_grad_(False)
-    return prepare_pipeline(pipe, channels_last=channels_last)
+    return prepare_pipeline(pipe, channels_last=channels_last, compile=compile)
 
 
 def run_once(pipe: object, opts: argparse.Namespace) -> dict[str, float]:
@@ -88,10 +88,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                         help="U-Net and VAE in channels_last (default on)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the U-Net")
     parser.add_argument("--no-allocator-tuning", dest="allocator", action="store_false")
     opts = parser.parse_args()
     setup_cpu(opts.threads, allocator=opts.allocator)
-    pipe = load(opts.model, PRECISIONS[opts.precision], opts.channels_last)
+    pipe = load(opts.model, PRECISIONS[opts.precision], opts.channels_last, opts.compile)
     if opts.warmup:  # a 1-step run at the same size: first-call allocations and kernel selection
         run_once(pipe, argparse.Namespace(**{**vars(opts), "steps": 1}))
     runs = [run_once(pipe, opts) for _ in range(opts.repeats)]

@@ -210,6 +210,9 @@ def run(args: argparse.Namespace) -> None:
                          f"but {ckpt} is {model_hash[:12]} (pass the matching --ckpt)")
     dtype = getattr(torch, PRECISIONS[args.precision])
     pipe = ldm.load_pipeline(ckpt, config=args.config, device=args.device, dtype=dtype)
+    from ldm.runtime import prepare_pipeline, setup_cpu
+    setup_cpu()  # keep freed activations mapped between steps (glibc mallopt)
+    prepare_pipeline(pipe)  # channels_last convolutions
     height = args.H or generate.default_image_size(pipe)
     width = args.W or generate.default_image_size(pipe)
     generate.check_image_size(pipe, height, width)
