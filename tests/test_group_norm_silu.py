@@ -105,6 +105,16 @@ def test_large_values_are_stable():
                                atol=1e-3, rtol=1e-3)
 
 
+@pytest.mark.parametrize("scale", [1e3, -1e3])
+def test_saturated_silu(scale):
+    # |z| up to thousands: exp(-z) overflows for very negative z; silu must give ~0, not NaN.
+    x, _, b = make_inputs((1, 16, 8, 8), torch.float32, "contiguous")
+    w = torch.full((16,), scale)
+    y = group_norm_silu(x, 4, w, b)
+    assert torch.isfinite(y).all()
+    torch.testing.assert_close(y, group_norm_silu_reference(x, 4, w, b), atol=1e-3, rtol=1e-5)
+
+
 @pytest.mark.parametrize("shape,groups,layout", [((2, 64, 8, 8), 32, "contiguous"),
                                                  ((1, 32, 64, 64), 1, "contiguous"),
                                                  ((2, 64, 8, 8), 32, "channels_last")])
