@@ -1,0 +1,64 @@
+"""Inference set-up keeps the numerics: allocator tuning, channels_last, the bf16 path, the
+VAE attention's flash-kernel layout (no timing is asserted anywhere)."""
+from __future__ import annotations
+
+import torch
+
+from ldm.config import AutoencoderConfig, UNetConfig
+from ldm.models.autoencoder import AutoencoderKL
+from ldm.models.unet import UNetModel
+from ldm.runtime import prepare_for_inference, setup_cpu, tune_allocator
+
+TINY_UNET = UNetConfig(model_channels=32, channel_mult=[1, 2], num_res_blocks=1,
+                       attention_resolutions=[2], num_heads=2, context_dim=32,
+                       use_linear_in_transformer=True)
+
+
+def tiny_unet() -> UNetModel:
+    torch.manual_seed(0)
+    unet = UNetModel(TINY_UNET)
+    with torch.no_grad():  # undo SD's zero-init so the output depends on every layer
+        for p in unet.parameters():
+            p.add_(0.05 * torch.randn(p.shape))
+    return unet
+
+
+def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def test_allocator_tuning_and_threads() -> None:
+    assert isinstance(tune_allocator(), bool)
+    before = torch.get_num_threads()
+    try:
+        done = setup_cpu(threads=1, allocator=False)
+        assert done == {"threads": 1, "allocator_tuned": False}
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_channels_last_and_bf16_keep_the_unet_output() -> None:
+    unet = tiny_unet().eval()
+    x, t, ctx = torch.randn(2, 4, 16, 16), torch.tensor([10.0, 900.0]), torch.randn(2, 7, 32)
+    with torch.inference_mode():
+        ref = unet(x, t, ctx)
+        fast = prepare_for_inference(unet, channels_last=True)(x, t, ctx)
+        assert fast.shape == ref.shape
+        assert rel_l2(fast, ref) < 1e-5
+        half = prepare_for_inference(unet, torch.bfloat16, channels_last=True)(x, t, ctx)
+    assert half.dtype == torch.float32  # the U-Net returns x's dtype
+    assert rel_l2(half, ref) < 0.02  # issue 7's bound for the bf16 path
+
+
+def test_vae_attention_in_both_layouts_and_bf16() -> None:
+    config = AutoencoderConfig(ch=32, ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[8],
+                               resolution=16)
+    torch.manual_seed(0)
+    vae = AutoencoderKL(config).eval()
+    z = torch.randn(1, 4, 8, 8)
+    with torch.inference_mode():
+        ref = vae.decode(z)
+        cl = prepare_for_inference(vae, channels_last=True).decode(z)
+        assert rel_l2(cl, ref) < 1e-5
+        half = prepare_for_inference(vae, torch.bfloat16).decode(z.bfloat16())
+    assert rel_l2(half, ref) < 0.03
