@@ -1,5 +1,4 @@
-"""End-to-end txt2img time (text encoding, sampling with guidance, decoding) and the share of it
-spent outside the three networks.
+"""End-to-end txt2img time (text, guided sampling, decoding) and the share outside the networks.
 
     python scripts/bench_txt2img.py --model sd2-base --precision bf16    # 512x512, 20 steps
     python scripts/bench_txt2img.py --model CKPT.safetensors             # e.g. the default model
