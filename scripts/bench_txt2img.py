@@ -77,7 +77,8 @@ def main() -> None:
     parser.add_argument("--model", default="sd2-base",
                         help="'sd2-base' (random weights) or a checkpoint path")
     parser.add_argument("--precision", default="bf16", choices=list(PRECISIONS))
-    parser.add_argument("--size", type=int, default=512, help="image side in pixels")
+    parser.add_argument("--size", type=int, default=None,
+                        help="image side in pixels (default: the model's native size, 512 for SD)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--sampler", default="ddim")
     parser.add_argument("--scale", type=float, default=7.5, help="guidance scale (batched CFG)")
@@ -92,6 +93,9 @@ def main() -> None:
     opts = parser.parse_args()
     setup_cpu(opts.threads, allocator=opts.allocator)
     pipe = load(opts.model, PRECISIONS[opts.precision], opts.channels_last, opts.compile)
+    if opts.size is None:
+        from ldm.generate import default_image_size
+        opts.size = default_image_size(pipe)
     if opts.warmup:  # a 1-step run at the same size: first-call allocations and kernel selection
         run_once(pipe, argparse.Namespace(**{**vars(opts), "steps": 1}))
     runs = [run_once(pipe, opts) for _ in range(opts.repeats)]
