@@ -26,14 +26,16 @@ mkdir -p "$DATA"
 "$PY" scripts/train_vae.py --config configs/shapes_vae.yaml --out "$WORK/vae" data.path="$DATA/crops32"
 
 # 3. Stage 2: U-Net + text tower on cached latents of the frozen VAE. The shipped model ran the
-#    config's 1300 steps, then was resumed (exactly, same data order and noise) to 2000 steps with
-#    the cosine schedule stretched to the new length; these two calls repeat that.
+#    config's 1300 steps, then was resumed (exactly: same data order and noise) to 2000 and then
+#    2600 steps, each time with the cosine schedule stretched to the new length; this repeats that.
 "$PY" scripts/train_ldm.py --config configs/shapes_ldm.yaml --out "$WORK/ldm" \
     data.path="$DATA/shapes64" ldm.vae="$WORK/vae/vae.safetensors"
-"$PY" scripts/train_ldm.py --config configs/shapes_ldm.yaml --resume "$WORK/ldm" run.steps=2000 \
-    data.path="$DATA/shapes64" ldm.vae="$WORK/vae/vae.safetensors"
+for steps in 2000 2600; do
+    "$PY" scripts/train_ldm.py --config configs/shapes_ldm.yaml --resume "$WORK/ldm" run.steps=$steps \
+        data.path="$DATA/shapes64" ldm.vae="$WORK/vae/vae.safetensors"
+done
 
 # 4. Ship: EMA weights in fp16 (config inside), then the evaluation on all 168 triples.
 "$PY" scripts/export_default_model.py "$WORK/ldm/model.safetensors" --out ldm/assets/shapes.safetensors \
-    --note "bash scripts/train_default_model.sh (configs/shapes_vae.yaml, configs/shapes_ldm.yaml)"
+    --note "bash scripts/train_default_model.sh (configs/shapes_vae.yaml 800 steps; configs/shapes_ldm.yaml 1300 steps resumed to 2000 then 2600)"
 "$PY" scripts/eval_shapes.py --outdir "$WORK/eval"
