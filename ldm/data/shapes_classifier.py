@@ -39,15 +39,17 @@ def nearest_palette(pixels: np.ndarray) -> np.ndarray:
 
 def _shape_from_alpha(alpha: np.ndarray) -> tuple[str, float, float]:
     """Shape name, fill ratio and width ratio from a soft foreground mask [H, W] in [0, 1]."""
-    # Rows/columns holding at least half a pixel of foreground bound the shape; this ignores
-    # stray speckles in generated images while keeping anti-aliased edges.
-    rows = np.nonzero(alpha.sum(1) >= 0.5)[0]
-    cols = np.nonzero(alpha.sum(0) >= 0.5)[0]
+    # A pixel belongs to the shape when it is nearer the shape colour than the background.
+    # Thresholding first (rather than summing soft values) keeps the faint colour noise of
+    # generated backgrounds from stretching the bounding box; rows/columns need 2 such pixels.
+    mask = alpha > 0.5
+    rows = np.nonzero(mask.sum(1) >= 2)[0]
+    cols = np.nonzero(mask.sum(0) >= 2)[0]
     if len(rows) < 2 or len(cols) < 2:
         return "none", 0.0, 0.0
-    box = alpha[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+    box = mask[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
     fill = float(box.sum() / box.size)
-    widths = box.sum(1)                       # foreground pixels per row, top to bottom
+    widths = box.sum(1).astype(np.float64)    # shape pixels per row, top to bottom
     quarter = max(1, len(widths) // 4)
     top, bottom = widths[:quarter].mean(), widths[-quarter:].mean()
     width_ratio = float(top / max(bottom, 1e-6))
