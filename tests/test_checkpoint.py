@@ -7,21 +7,11 @@ import torch
 
 import ldm
 from ldm import checkpoint as ckpt
-from ldm.config import AutoencoderConfig, ModelConfig, TextEncoderConfig, UNetConfig
+from ldm.config import TextEncoderConfig
 from ldm.errors import CheckpointError, LdmError
 from ldm.pipeline import Pipeline
 
-TINY_TEXT = {"vocab_size": 49408, "hidden_size": 32, "intermediate_size": 64,
-             "num_hidden_layers": 2, "num_attention_heads": 2, "max_position_embeddings": 77}
-
-
-def tiny_config() -> ModelConfig:
-    return ModelConfig(
-        autoencoder=AutoencoderConfig(ch=32, ch_mult=[1, 2], num_res_blocks=1, resolution=32),
-        unet=UNetConfig(model_channels=32, channel_mult=[1, 2], num_res_blocks=1,
-                        attention_resolutions=[2], num_heads=2, context_dim=32),
-        text_encoder=TextEncoderConfig(kind="hf_clip", arch="tiny", arch_config=TINY_TEXT,
-                                       layer="last"))
+from tiny_models import tiny_config  # tests/ is on sys.path under pytest
 
 
 @pytest.fixture(scope="module")

@@ -5,23 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ldm.config import AutoencoderConfig, ModelConfig, TextEncoderConfig, UNetConfig
 from ldm.cuda_graph import SamplingGraphs, to_device
 from ldm.diffusion.noise import randn, seeded_generators
 from ldm.pipeline import Pipeline
+from tiny_models import tiny_config
 
-TINY_TEXT = {"vocab_size": 49408, "hidden_size": 32, "intermediate_size": 64,
-             "num_hidden_layers": 1, "num_attention_heads": 2, "max_position_embeddings": 77}
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 def tiny_pipe(device: str) -> Pipeline:
-    config = ModelConfig(
-        autoencoder=AutoencoderConfig(ch=32, ch_mult=[1, 2], num_res_blocks=1, resolution=32),
-        unet=UNetConfig(model_channels=32, channel_mult=[1, 2], num_res_blocks=1,
-                        attention_resolutions=[2], num_heads=2, context_dim=32),
-        text_encoder=TextEncoderConfig(kind="hf_clip", arch="tiny", arch_config=TINY_TEXT,
-                                       layer="last"))
+    config = tiny_config(text_layers=1)
     pipe = Pipeline.from_config(config, device=device, seed=3)
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():  # undo the zero-init of output convs so the output depends on x

@@ -11,22 +11,16 @@ from PIL import Image
 
 import ldm
 from ldm import generate
-from ldm.config import AutoencoderConfig, ModelConfig, TextEncoderConfig, UNetConfig
 from ldm.pipeline import Pipeline
+from tiny_models import tiny_config as _tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "txt2img.py"
-TINY_TEXT = {"vocab_size": 49408, "hidden_size": 32, "intermediate_size": 64,
-             "num_hidden_layers": 1, "num_attention_heads": 2, "max_position_embeddings": 77}
 
 
-def tiny_config() -> ModelConfig:
-    """A random model small enough for the CPU: 32x32 images, factor 2, 16x16 latents."""
-    return ModelConfig(
-        autoencoder=AutoencoderConfig(ch=32, ch_mult=[1, 2], num_res_blocks=1, resolution=32),
-        unet=UNetConfig(model_channels=32, channel_mult=[1, 2], num_res_blocks=1,
-                        attention_resolutions=[2], num_heads=2, context_dim=32),
-        text_encoder=TextEncoderConfig(kind="hf_clip", arch="tiny", arch_config=TINY_TEXT, layer="last"))
+def tiny_config():
+    """The shared tiny model with a one-layer text tower."""
+    return _tiny_config(text_layers=1)
 
 
 @pytest.fixture(scope="module")
