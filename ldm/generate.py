@@ -106,10 +106,36 @@ def check_image_size(pipe: "Pipeline", height: int, width: int) -> None:
                                 f"factor of this model), got {value}")
 
 
-def latents_to_images(pipe: "Pipeline", latents: Tensor) -> list[Image.Image]:
-    """Decode scaled latents to 8-bit RGB images (decoder output [-1, 1] clamped)."""
+# Latents larger than this on a side are decoded in tiles by default: one-shot decoding of a
+# 1024x1024 SD image holds several GB of decoder activations, tiles of 64 hold a quarter of that.
+AUTO_TILE_ABOVE = 96
+DEFAULT_TILE = 64
+
+
+def resolve_vae_tile(latent_hw: tuple[int, int], vae_tile: int | None) -> int:
+    """Latent tile side for decoding: None = automatic (DEFAULT_TILE above AUTO_TILE_ABOVE), 0 = off."""
+    if vae_tile is None:
+        return DEFAULT_TILE if max(latent_hw) > AUTO_TILE_ABOVE else 0
+    if isinstance(vae_tile, bool) or not isinstance(vae_tile, int) or vae_tile < 0 or 0 < vae_tile < 8:
+        raise SamplingError(f"vae_tile must be 0 (one pass) or a latent tile side >= 8, got {vae_tile}")
+    return vae_tile
+
+
+def latents_to_images(pipe: "Pipeline", latents: Tensor, vae_tile: int | None = None) -> list[Image.Image]:
+    """Decode scaled latents to 8-bit RGB images (decoder output [-1, 1] clamped).
+
+    vae_tile: decode in overlapping latent tiles of this side (bounded memory, seamless
+    blending; see ldm.models.tiling); 0 decodes in one pass; None picks automatically.
+    """
+    from ldm.models.tiling import decode_tiled
+    tile = resolve_vae_tile(tuple(latents.shape[-2:]), vae_tile)
     with torch.inference_mode():
-        pixels = pipe.decode_latents(latents).float().clamp(-1, 1)
+        if tile:
+            pixels = decode_tiled(pipe.decode_latents, latents, pipe.downsampling_factor,
+                                  tile=tile, overlap=tile // 4)
+        else:
+            pixels = pipe.decode_latents(latents)
+        pixels = pixels.float().clamp(-1, 1)
     array = ((pixels + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray(a) for a in array]
 
@@ -119,10 +145,12 @@ def txt2img(pipe: "Pipeline", prompt: str, negative_prompt: str = "", height: in
             guidance_scale: float = 7.5, eta: float | None = None, seed: int = 0,
             num_images: int = 1, callback: Callable[[int, Tensor, Tensor], None] | None = None,
             guidance_rescale: float = 0.0,
-            graphs: "SamplingGraphs | None" = None) -> list[Image.Image]:
+            graphs: "SamplingGraphs | None" = None,
+            vae_tile: int | None = None) -> list[Image.Image]:
     """Images for `prompt`; image k uses seed + k for its start noise and per-step noise.
 
     graphs: a SamplingGraphs (CUDA) to run the sampling loop as one captured graph replay.
+    vae_tile: see latents_to_images.
     """
     height = default_image_size(pipe) if height is None else height
     width = default_image_size(pipe) if width is None else width
@@ -130,10 +158,11 @@ def txt2img(pipe: "Pipeline", prompt: str, negative_prompt: str = "", height: in
     check_sampling_args(pipe, steps, sampler, guidance_scale, eta)
     if not isinstance(num_images, int) or num_images < 1:
         raise SamplingError(f"num_images must be >= 1, got {num_images}")
+    factor = pipe.downsampling_factor
+    resolve_vae_tile((height // factor, width // factor), vae_tile)  # bad values fail before sampling
     with torch.inference_mode():
         context = pipe.encode_prompt([prompt] * num_images)
         uncond = pipe.encode_prompt([negative_prompt] * num_images) if guidance_scale != 1 else None
-    factor = pipe.downsampling_factor
     generators = seeded_generators(seed, num_images)  # CPU: same numbers on every device
     shape = (num_images, pipe.latent_channels, height // factor, width // factor)
     x_T = randn(shape, generators, pipe.device, pipe.dtype)
@@ -144,4 +173,4 @@ def txt2img(pipe: "Pipeline", prompt: str, negative_prompt: str = "", height: in
         latents = sample(pipe, context, uncond, x_T, steps=steps, sampler=sampler, eta=eta,
                          guidance_scale=guidance_scale, callback=callback, generator=generators,
                          guidance_rescale=guidance_rescale)
-    return latents_to_images(pipe, latents)
+    return latents_to_images(pipe, latents, vae_tile)

@@ -62,6 +62,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--config", default=None, help="model config: our YAML or SD's inference YAML")
     p.add_argument("--precision", default="fp32", choices=list(PRECISIONS), help="fp32, bf16, fp16 (CUDA)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default auto")
+    p.add_argument("--vae-tile", type=int, default=None,
+                   help="decode in overlapping N x N latent tiles (bounded memory, seamless); 0 = one "
+                        "pass; default: tiles of 64 when the latent is larger than 96 on a side")
     p.add_argument("--cuda-graph", action="store_true",
                    help="CUDA only: capture the whole sampling loop once as a CUDA graph and replay it")
     return p.parse_args(argv)
@@ -100,6 +103,7 @@ def apply_png_parameters(args: argparse.Namespace, params: dict) -> None:
     args.config = args.config or params.get("config")
     if args.ckpt is None and params.get("model") and Path(params["model"]).is_file():
         args.ckpt = params["model"]
+    args.vae_tile = params.get("vae_tile", 0)  # PNGs from before the flag were decoded in one pass
     args.only_index = params["index"]
 
 
@@ -217,13 +221,15 @@ def run(args: argparse.Namespace) -> None:
     width = args.W or generate.default_image_size(pipe)
     generate.check_image_size(pipe, height, width)
     generate.check_sampling_args(pipe, args.steps, args.sampler, args.scale, args.ddim_eta)
+    factor = pipe.downsampling_factor
+    vae_tile = generate.resolve_vae_tile((height // factor, width // factor), args.vae_tile)
     outdir, only = Path(args.outdir), getattr(args, "only_index", None)
     samples = outdir / "samples"
     common = {"negative_prompt": args.negative_prompt, "sampler": args.sampler, "steps": args.steps,
               "scale": args.scale, "eta": args.ddim_eta, "height": height, "width": width,
               "batch_size": args.n_samples, "model": str(ckpt), "model_hash": model_hash,
               "config": args.config, "precision": args.precision, "ldm_version": ldm.__version__,
-              "torch_version": torch.__version__}
+              "torch_version": torch.__version__, "vae_tile": vae_tile}
     written, seed = [], args.seed
     graphs = None
     if getattr(args, "cuda_graph", False):
@@ -234,7 +240,8 @@ def run(args: argparse.Namespace) -> None:
             bar = tqdm(total=args.steps, desc=f"seed {seed}", leave=False)
             images = generate.txt2img(pipe, prompt, args.negative_prompt, height, width, args.steps,
                                       args.sampler, args.scale, args.ddim_eta, seed, args.n_samples,
-                                      callback=lambda i, x, d: bar.update(1), graphs=graphs)
+                                      callback=lambda i, x, d: bar.update(1), graphs=graphs,
+                                      vae_tile=vae_tile)
             bar.close()
             samples.mkdir(parents=True, exist_ok=True)  # only once there is something to write
             for k, image in enumerate(images):
