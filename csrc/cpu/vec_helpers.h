@@ -52,10 +52,38 @@ inline void store_lanes(T* p, const Vec& v) {
   }
 }
 
-// 1 / (1 + exp(-z)) with PyTorch's vectorised exp (ULP 20, far below our tolerances).
+// exp(-z) for every lane, z clamped to [-88, 88] first (so the result is finite and the
+// callers' 1 + exp(-z) never overflows; for |z| > 88 the SiLU and sigmoid are exact anyway).
+// AVX-512: exp(a) = 2^n * p(r), n = round(a log2 e), r = a - n ln 2 with ln 2 split in two
+// (Cody-Waite), p the degree-7 polynomial of Cephes' expf (about 1 ulp), and 2^n applied by
+// vscalefps. 14 instructions against about 20 for at::vec's exp_u20: on this Zen 4, which
+// runs 512-bit ops as two 256-bit halves, the SiLU's exp is what bounds the fused kernels.
+inline Vec exp_neg_clamped(const Vec& z) {
+  const Vec a = at::vec::clamp(z, Vec(-88.0f), Vec(88.0f)).neg();
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512 x = a;
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return Vec(_mm512_scalef_ps(p, n));
+#else
+  return a.exp_u20();  // PyTorch's vectorised exp (ULP 20, far below our tolerances)
+#endif
+}
+
+// 1 / (1 + exp(-z)).
 inline Vec sigmoid(const Vec& z) {
   const Vec one(1.0f);
-  return one / (one + z.neg().exp_u20());
+  return one / (one + exp_neg_clamped(z));
 }
 
 template <typename acc_t>
@@ -82,8 +110,7 @@ inline Vec reciprocal(const Vec& d) {
 // is capped below ln(FLT_MAX) so 1 + exp(-z) stays finite (its reciprocal then is ~0, as is
 // silu(z) for z < -88) instead of giving inf * 0 = NaN in the Newton step.
 inline Vec silu(const Vec& z) {
-  const Vec e = at::vec::minimum(z.neg(), Vec(88.0f)).exp_u20();
-  return z * reciprocal(Vec(1.0f) + e);
+  return z * reciprocal(Vec(1.0f) + exp_neg_clamped(z));
 }
 
 template <typename acc_t>
