@@ -52,36 +52,75 @@ struct PerChannelSum {
   void add(int64_t i, acc_t v) { sums[i] += v; }
 };
 
-// Moments of n contiguous values: exact two-pass moments per L1-sized chunk, Chan-merged.
+// Moments of n contiguous values, exactly by two passes (the scalar path: fp64, and tails).
+template <typename T, typename acc_t = acc_type<T>>
+Moments<acc_t> two_pass_moments(const T* x, int64_t n) {
+  if (n == 0) return Moments<acc_t>{0, 0, 0};
+  acc_t sum = 0, m2 = 0;
+  for (int64_t i = 0; i < n; ++i) sum += static_cast<acc_t>(x[i]);
+  const acc_t mean = sum / static_cast<acc_t>(n);
+  for (int64_t i = 0; i < n; ++i) {
+    const acc_t d = static_cast<acc_t>(x[i]) - mean;
+    m2 += d * d;
+  }
+  return Moments<acc_t>{static_cast<acc_t>(n), mean, m2};
+}
+
+// Chan merge of two moments with the same count (exact halves, no division).
+inline void merge_equal_counts(Vec& mean, Vec& m2, const Vec& mean_b, const Vec& m2_b,
+                               float count) {
+  const Vec d = mean_b - mean;
+  m2 = m2 + m2_b + d * d * Vec(0.5f * count);
+  mean = (mean + mean_b) * Vec(0.5f);
+}
+
+// Moments of steps * kWelfordSets * kLanes contiguous values in one memory pass: Welford's
+// update on every fp32 lane of kWelfordSets independent vectors (so consecutive updates
+// overlap instead of waiting on each other), then the lanes are Chan-merged as a fixed tree.
+constexpr int kWelfordSets = 4;
+template <typename T>
+Moments<float> welford_lanes(const T* x, int64_t steps) {
+  Vec mean[kWelfordSets], m2[kWelfordSets];
+  for (int k = 0; k < kWelfordSets; ++k) mean[k] = m2[k] = Vec(0.0f);
+  for (int64_t s = 0; s < steps; ++s) {
+    const Vec inv_count(1.0f / static_cast<float>(s + 1));
+    const T* p = x + s * kWelfordSets * kLanes;
+    for (int k = 0; k < kWelfordSets; ++k) {
+      const Vec v = load_lanes(p + k * kLanes);
+      const Vec delta = v - mean[k];
+      mean[k] = at::vec::fmadd(delta, inv_count, mean[k]);
+      m2[k] = at::vec::fmadd(delta, v - mean[k], m2[k]);
+    }
+  }
+  float count = static_cast<float>(steps);
+  for (int width = kWelfordSets / 2; width >= 1; width /= 2, count *= 2) {
+    for (int k = 0; k < width; ++k) merge_equal_counts(mean[k], m2[k], mean[k + width], m2[k + width], count);
+  }
+  float lane_mean[kLanes], lane_m2[kLanes];
+  mean[0].store(lane_mean);
+  m2[0].store(lane_m2);
+  for (int64_t width = kLanes / 2; width >= 1; width /= 2, count *= 2) {
+    for (int64_t k = 0; k < width; ++k) {
+      const float d = lane_mean[k + width] - lane_mean[k];
+      lane_m2[k] += lane_m2[k + width] + d * d * (0.5f * count);
+      lane_mean[k] = 0.5f * (lane_mean[k] + lane_mean[k + width]);
+    }
+  }
+  return Moments<float>{count, lane_mean[0], lane_m2[0]};
+}
+
+// Moments of n contiguous values: one-pass Welford lanes over the vector part, an exact
+// two-pass tail, Chan-merged (no E[x^2] - E[x]^2 cancellation anywhere).
 template <typename T, typename acc_t = acc_type<T>>
 Moments<acc_t> contiguous_moments(const T* x, int64_t n) {
-  constexpr int64_t kChunk = 2048;
-  Moments<acc_t> total{0, 0, 0};
-  for (int64_t start = 0; start < n; start += kChunk) {
-    const int64_t len = std::min(kChunk, n - start);
-    const T* p = x + start;
-    acc_t sum = 0, m2 = 0;
-    int64_t i = 0;
-    if constexpr (kHasVecPath<T>) {
-      sum = reduce_lanes(accumulate_lanes(p, len, i, [](const Vec& v) { return v; }));
-    }
-    for (; i < len; ++i) sum += static_cast<acc_t>(p[i]);
-    const acc_t mean = sum / static_cast<acc_t>(len);
-    i = 0;
-    if constexpr (kHasVecPath<T>) {
-      const Vec vmean(static_cast<float>(mean));
-      m2 = reduce_lanes(accumulate_lanes(p, len, i, [&](const Vec& v) {
-        const Vec d = v - vmean;
-        return d * d;
-      }));
-    }
-    for (; i < len; ++i) {
-      const acc_t d = static_cast<acc_t>(p[i]) - mean;
-      m2 += d * d;
-    }
-    total = chan_merge(total, Moments<acc_t>{static_cast<acc_t>(len), mean, m2});
+  if constexpr (kHasVecPath<T>) {
+    const int64_t steps = n / (kWelfordSets * kLanes);
+    const int64_t head = steps * kWelfordSets * kLanes;
+    const Moments<acc_t> lanes = steps > 0 ? welford_lanes(x, steps) : Moments<acc_t>{0, 0, 0};
+    return chan_merge(lanes, two_pass_moments(x + head, n - head));
+  } else {
+    return two_pass_moments(x, n);
   }
-  return total;
 }
 
 // Sums of values (kSquares = false) or of squared deviations from `center` over rows of a
@@ -115,6 +154,18 @@ template <bool kSilu, typename T, typename P, typename acc_t = acc_type<T>>
 void apply_run(const T* x, T* y, int64_t n, const P& scale, const P& shift) {
   int64_t i = 0;
   if constexpr (kHasVecPath<T>) {
+    // Four vectors per iteration: the SiLU is one long dependency chain per vector, and
+    // adjacent independent chains keep the FP pipes busy without a deep scheduler window.
+    constexpr int kUnroll = 4;
+    for (; i + kUnroll * kLanes <= n; i += kUnroll * kLanes) {
+      Vec z[kUnroll];
+      for (int k = 0; k < kUnroll; ++k) {
+        const int64_t j = i + k * kLanes;
+        z[k] = at::vec::fmadd(load_lanes(x + j), scale.vec(j), shift.vec(j));
+      }
+      if constexpr (kSilu) silu_lanes(z);
+      for (int k = 0; k < kUnroll; ++k) store_lanes(y + i + k * kLanes, z[k]);
+    }
     for (; i + kLanes <= n; i += kLanes) {
       Vec z = at::vec::fmadd(load_lanes(x + i), scale.vec(i), shift.vec(i));
       if constexpr (kSilu) z = silu(z);

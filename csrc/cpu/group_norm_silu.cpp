@@ -19,7 +19,10 @@ namespace ldm::cpu {
 namespace {
 
 constexpr int64_t kSplitChunk = 1 << 16;  // values per partial when slabs are split
-constexpr int64_t kTileValues = 4096;     // values per channels_last statistics tile
+// Values per channels_last statistics tile: L2-sized, so the tile's second (squared
+// deviation) pass reads from L2 and the per-tile group bookkeeping (O(C)) stays small
+// beside the tile's rows.
+constexpr int64_t kTileValues = 1 << 16;
 
 // Raw pointers and sizes of one forward call.
 template <typename T, typename acc_t>
@@ -144,7 +147,7 @@ void forward_channels_last(const ForwardArgs<T, acc_t>& a) {
       }
     }
   }
-  const int64_t grain = std::max<int64_t>(1, kTileValues / C);
+  const int64_t grain = std::max<int64_t>(1, 4096 / C);
   at::parallel_for(0, N * HW, grain, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t n = row / HW;

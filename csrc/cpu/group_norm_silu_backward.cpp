@@ -17,7 +17,9 @@
 namespace ldm::cpu {
 namespace {
 
-constexpr int64_t kTileValues = 4096;  // values per channels_last tile of pass 1
+// Values per channels_last tile of pass 1: L2-sized, so the per-tile partial sums (2 C
+// values each) stay small beside the tile and their fixed-order reduction is cheap.
+constexpr int64_t kTileValues = 1 << 16;
 
 template <typename T, typename acc_t>
 struct BackwardArgs {
@@ -140,17 +142,18 @@ void backward_channels_last(const BackwardArgs<T, acc_t>& a) {
       }
     }
   });
-  for (int64_t n = 0; n < N; ++n) {
-    for (int64_t c = 0; c < C; ++c) {
+  at::parallel_for(0, N * C, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t nc = begin; nc < end; ++nc) {
+      const int64_t n = nc / C, c = nc % C;
       acc_t dsx = 0, db = 0;
       for (int64_t t = 0; t < tiles; ++t) {
         dsx += partial[(n * tiles + t) * 2 * C + c];
         db += partial[(n * tiles + t) * 2 * C + C + c];
       }
-      a.dsx[n * C + c] = dsx;
-      a.db[n * C + c] = db;
+      a.dsx[nc] = dsx;
+      a.db[nc] = db;
     }
-  }
+  });
   if (!a.dx) return;
   std::vector<acc_t> k2(N * C), k3(N * C);
   for (int64_t n = 0; n < N; ++n) {
@@ -160,7 +163,7 @@ void backward_channels_last(const BackwardArgs<T, acc_t>& a) {
       std::fill(k3.begin() + n * C + g * D, k3.begin() + n * C + (g + 1) * D, k.k3);
     }
   }
-  at::parallel_for(0, N * HW, rows_per_tile, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, N * HW, std::max<int64_t>(1, 4096 / C), [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t n = row / HW, offset = row * C;
       backward_apply_run<kSilu>(a.dy + offset, a.x + offset, a.dx + offset, C,
