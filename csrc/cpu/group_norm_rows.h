@@ -201,6 +201,23 @@ void backward_sums_run(const T* dy, const T* x, int64_t n, const P& center, cons
                        const P& shift, S& dsx, S& db, acc_t* dz_out = nullptr) {
   int64_t i = 0;
   if constexpr (kHasVecPath<T>) {
+    // Four independent vectors per iteration, as in apply_run (the SiLU derivative is a long
+    // dependency chain per vector).
+    constexpr int kUnroll = 4;
+    for (; i + kUnroll * kLanes <= n; i += kUnroll * kLanes) {
+      Vec xc[kUnroll], dz[kUnroll];
+      for (int k = 0; k < kUnroll; ++k) {
+        const int64_t j = i + k * kLanes;
+        xc[k] = load_lanes(x + j) - center.vec(j);
+        dz[k] = upstream_grad<kSilu>(load_lanes(dy + j), xc[k], scale.vec(j), shift.vec(j));
+      }
+      for (int k = 0; k < kUnroll; ++k) {
+        const int64_t j = i + k * kLanes;
+        if (dz_out) dz[k].store(dz_out + j);
+        dsx.add(j, dz[k] * xc[k]);
+        db.add(j, dz[k]);
+      }
+    }
     for (; i + kLanes <= n; i += kLanes) {
       const Vec xc = load_lanes(x + i) - center.vec(i);
       const Vec dz = upstream_grad<kSilu>(load_lanes(dy + i), xc, scale.vec(i), shift.vec(i));
@@ -241,6 +258,19 @@ void backward_apply_run(const T* dy, const T* x, T* dx, int64_t n, const P& cent
                         const P& scale, const P& shift, const P& k1, const P& k2, const P& k3) {
   int64_t i = 0;
   if constexpr (kHasVecPath<T>) {
+    constexpr int kUnroll = 4;  // independent chains, as in backward_sums_run
+    for (; i + kUnroll * kLanes <= n; i += kUnroll * kLanes) {
+      Vec xc[kUnroll], dz[kUnroll];
+      for (int k = 0; k < kUnroll; ++k) {
+        const int64_t j = i + k * kLanes;
+        xc[k] = load_lanes(x + j) - center.vec(j);
+        dz[k] = upstream_grad<kSilu>(load_lanes(dy + j), xc[k], scale.vec(j), shift.vec(j));
+      }
+      for (int k = 0; k < kUnroll; ++k) {
+        const int64_t j = i + k * kLanes;
+        store_lanes(dx + j, at::vec::fmadd(k1.vec(j), dz[k], at::vec::fmadd(k2.vec(j), xc[k], k3.vec(j))));
+      }
+    }
     for (; i + kLanes <= n; i += kLanes) {
       const Vec xc = load_lanes(x + i) - center.vec(i);
       const Vec dz = upstream_grad<kSilu>(load_lanes(dy + i), xc, scale.vec(i), shift.vec(i));

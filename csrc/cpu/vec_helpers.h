@@ -91,17 +91,6 @@ inline Vec exp_neg_clamped(const Vec& z) {
 #endif
 }
 
-// 1 / (1 + exp(-z)).
-inline Vec sigmoid(const Vec& z) {
-  const Vec one(1.0f);
-  return one / (one + exp_neg_clamped(z));
-}
-
-template <typename acc_t>
-inline acc_t sigmoid(acc_t z) {
-  return acc_t(1) / (acc_t(1) + std::exp(-z));
-}
-
 // 1 / d from the hardware reciprocal estimate plus one Newton step (about 1e-7 relative
 // error): a full-width division is the slowest instruction of the SiLU.
 inline Vec reciprocal(const Vec& d) {
@@ -115,6 +104,16 @@ inline Vec reciprocal(const Vec& d) {
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
   return r * at::vec::fnmadd(d, r, Vec(2.0f));  // r (2 - d r)
 #endif
+}
+
+// 1 / (1 + exp(-z)).
+inline Vec sigmoid(const Vec& z) {
+  return reciprocal(Vec(1.0f) + exp_neg_clamped(z));
+}
+
+template <typename acc_t>
+inline acc_t sigmoid(acc_t z) {
+  return acc_t(1) / (acc_t(1) + std::exp(-z));
 }
 
 // silu(z) = z / (1 + exp(-z)) with one vectorised exp and a fast reciprocal. The exponent

@@ -77,11 +77,17 @@ def _setup_context(ctx, inputs: tuple, output: tuple) -> None:
     _y, mean, rstd = output
     ctx.save_for_backward(x, mean, rstd, weight, bias)
     ctx.num_groups, ctx.silu = num_groups, silu
+    # mean/rstd are statistics, not differentiable outputs: using them in a loss raises
+    # instead of silently getting no gradient, and no zero gradients are built for them.
+    ctx.mark_non_differentiable(mean, rstd)
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_y: Tensor, _grad_mean: Tensor, _grad_rstd: Tensor) -> tuple:
     """Gradients of (x, num_groups, weight, bias, eps, silu) through the fused backward op."""
     x, mean, rstd, weight, bias = ctx.saved_tensors
+    if grad_y is None:  # y did not reach the loss (grads are not materialised)
+        return None, None, None, None, None, None
     mask = [ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[2],
             bias is not None and ctx.needs_input_grad[3]]
     dx, dw, db = torch.ops.ldm.group_norm_silu_backward(
