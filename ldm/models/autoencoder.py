@@ -7,7 +7,8 @@ from torch import Tensor, nn
 
 from ldm.config import AutoencoderConfig
 from ldm.models.attention import sdpa_needs_upcast
-from ldm.models.layers import GroupNormSiLU, Upsample
+from ldm.models.layers import GroupNormSiLU
+from ldm.models.upsample import Upsample
 
 VAE_NORM_EPS = 1e-6  # SD's model.Normalize
 

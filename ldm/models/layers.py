@@ -4,7 +4,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ldm.kernels import group_norm_silu
@@ -31,17 +30,6 @@ class GroupNormSiLU(nn.Module):
     def extra_repr(self) -> str:
         return (f"{self.num_channels}, groups={self.num_groups}, eps={self.eps}, "
                 f"silu={self.silu}")
-
-
-class Upsample(nn.Module):
-    """Nearest 2x upsampling then a 3x3 convolution (key `conv`; U-Net and VAE alike)."""
-
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 def zero_module(module: nn.Module) -> nn.Module:

@@ -7,7 +7,8 @@ from torch import Tensor, nn
 
 from ldm.config import ConfigError, UNetConfig
 from ldm.models.attention import SpatialTransformer
-from ldm.models.layers import GroupNormSiLU, Upsample, timestep_embedding, zero_module
+from ldm.models.layers import GroupNormSiLU, timestep_embedding, zero_module
+from ldm.models.upsample import Upsample
 
 UNET_NORM_EPS = 1e-5  # SD's GroupNorm32 default
 
