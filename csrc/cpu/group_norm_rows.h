@@ -10,6 +10,7 @@
 #include "csrc/math.h"
 
 #include <algorithm>
+#include <type_traits>
 
 namespace ldm::cpu {
 
@@ -124,28 +125,50 @@ Moments<acc_t> contiguous_moments(const T* x, int64_t n) {
 }
 
 // Sums of values (kSquares = false) or of squared deviations from `center` over rows of a
-// channels_last tile, per channel: sums[c] += sum_r f(x[r, c]).
+// channels_last tile, per channel: sums[c] += sum_r f(x[r, c]), rows in order. Blocks of
+// kBlock channel vectors are summed down the rows in registers (a read-add-write of sums per
+// row would make the loop store-bound).
 template <bool kSquares, typename T, typename acc_t = acc_type<T>>
 void tile_channel_sums(const T* x, int64_t rows, int64_t C, const acc_t* center, acc_t* sums) {
-  PerChannelSum<acc_t> acc{sums};
-  for (int64_t r = 0; r < rows; ++r) {
-    const T* row = x + r * C;
-    int64_t c = 0;
-    if constexpr (kHasVecPath<T>) {
-      for (; c + kLanes <= C; c += kLanes) {
-        Vec v = load_lanes(row + c);
-        if constexpr (kSquares) {
-          v = v - Vec::loadu(center + c);
-          v = v * v;
-        }
-        acc.add(c, v);
+  int64_t c0 = 0;
+  if constexpr (kHasVecPath<T>) {
+    constexpr int kBlock = 8;
+    const auto block_sums = [&](int64_t c, auto width) {
+      constexpr int kWidth = decltype(width)::value;
+      Vec acc[kWidth], ctr[kWidth];
+      for (int k = 0; k < kWidth; ++k) {
+        acc[k] = Vec(0.0f);
+        if constexpr (kSquares) ctr[k] = Vec::loadu(center + c + k * kLanes);
       }
+      for (int64_t r = 0; r < rows; ++r) {
+        const T* row = x + r * C + c;
+        for (int k = 0; k < kWidth; ++k) {
+          const Vec v = load_lanes(row + k * kLanes);
+          if constexpr (kSquares) {
+            const Vec d = v - ctr[k];
+            acc[k] = at::vec::fmadd(d, d, acc[k]);
+          } else {
+            acc[k] = acc[k] + v;
+          }
+        }
+      }
+      for (int k = 0; k < kWidth; ++k) {
+        (Vec::loadu(sums + c + k * kLanes) + acc[k]).store(sums + c + k * kLanes);
+      }
+    };
+    for (; c0 + kBlock * kLanes <= C; c0 += kBlock * kLanes) {
+      block_sums(c0, std::integral_constant<int, kBlock>{});
     }
-    for (; c < C; ++c) {
-      acc_t v = static_cast<acc_t>(row[c]);
+    for (; c0 + kLanes <= C; c0 += kLanes) block_sums(c0, std::integral_constant<int, 1>{});
+  }
+  for (int64_t c = c0; c < C; ++c) {
+    acc_t total = 0;
+    for (int64_t r = 0; r < rows; ++r) {
+      acc_t v = static_cast<acc_t>(x[r * C + c]);
       if constexpr (kSquares) v = (v - center[c]) * (v - center[c]);
-      acc.add(c, v);
+      total += v;
     }
+    sums[c] += total;
   }
 }
 
