@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from ldm._extension import fused_device_types
 from ldm.kernels import group_norm_silu, group_norm_silu_reference
@@ -160,3 +161,26 @@ def test_opcheck(layout):
 def test_bad_input_raises(make_args, message):
     with pytest.raises(RuntimeError, match=message):
         op(*make_args(), 1e-5, True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_silu_saturates_at_extreme_pre_activations(dtype: torch.dtype):
+    # Pre-activations far beyond +-88 (where exp overflows or underflows in fp32): the fused
+    # SiLU must give z and 0 there, finite gradients, and NaN only where the input is NaN.
+    # GroupNorm of zeros is 0, so the bias sets each channel's pre-activation; 16 positions
+    # per channel take the vector path.
+    z = torch.tensor([-1e30, -1e4, -100.0, -88.5, -20.0, 0.0, 20.0, 88.5, 100.0, 1e4, 1e30,
+                      float("nan")]).to(dtype).float()
+    bias = z.clone().requires_grad_(True)
+    y = group_norm_silu(torch.zeros(1, 12, 16, dtype=dtype), 1, None, bias.to(dtype)).float()
+    finite = ~torch.isnan(z)
+    expected = F.silu(z)[:, None].expand(12, 16)
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    # exp(-z) is capped at 2^126, so for z << -88 the SiLU is z / 2^126 instead of -0: about
+    # -1e-8 at z = -1e30, -1e-36 at z = -100.
+    torch.testing.assert_close(y[0][finite], expected[finite], rtol=tol, atol=2e-8)
+    assert torch.isnan(y[0][~finite]).all()
+    y.sum().backward()
+    expected_grad = 16 * torch.func.grad(lambda b: F.silu(b).sum())(z)
+    assert torch.isfinite(bias.grad[finite]).all()
+    torch.testing.assert_close(bias.grad[finite], expected_grad[finite], rtol=tol, atol=1e-6)

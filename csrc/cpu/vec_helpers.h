@@ -65,18 +65,20 @@ inline void store_lanes(T* p, const Vec& v) {
   }
 }
 
-// exp(-z) for every lane, z clamped to [-88, 88] first (so the result is finite and the
-// callers' 1 + exp(-z) never overflows; for |z| > 88 the SiLU and sigmoid are exact anyway).
-// AVX-512: exp(-z) = 2^t = 2^n 2^f with t = -z log2 e, n = round(t), f = t - n in
+// exp(-z) for every lane, never above 2^126 (so the callers' 1 + exp(-z) stays finite; the
+// SiLU and sigmoid are then 0 to fp32 precision, as they should be, for z below -87.3).
+// AVX-512: exp(-z) = 2^t = 2^n 2^f with t = min(-z log2 e, 126), n = round(t), f = t - n in
 // [-1/2, 1/2], 2^f a degree-5 minimax polynomial (fitted by Lawson's iteration: relative
 // error 7.5e-8 in exact arithmetic; measured in fp32 over z in [-88, 88], at most 4e-6 for
 // exp and 5.3e-7 for the SiLU wherever |silu| > 1e-3, from the rounding of t), and 2^n
-// applied by vscalefps. 11 instructions, 7 of them on the FMA pipes: on this Zen 4, which
-// runs 512-bit ops as two 256-bit halves, the SiLU's arithmetic bounds the fused forward.
+// applied by vscalefps (which also underflows large z to 0 without a second clamp). NaN
+// propagates. 10 instructions, 7 of them on the FMA pipes: on this Zen 4, which runs
+// 512-bit ops as two 256-bit halves, the SiLU's arithmetic bounds the fused kernels.
 inline Vec exp_neg_clamped(const Vec& z) {
-  const Vec clamped = at::vec::clamp(z, Vec(-88.0f), Vec(88.0f));
 #if defined(CPU_CAPABILITY_AVX512)
-  const __m512 t = _mm512_mul_ps(clamped, _mm512_set1_ps(-1.44269504088896341f));
+  // min(126, t) returns t when t is NaN (vminps passes its second operand on NaN).
+  const __m512 t = _mm512_min_ps(_mm512_set1_ps(126.0f),
+                                 _mm512_mul_ps(z, _mm512_set1_ps(-1.44269504088896341f)));
   const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_sub_ps(t, n);
   __m512 p = _mm512_set1_ps(1.327647245e-03f);
@@ -87,6 +89,7 @@ inline Vec exp_neg_clamped(const Vec& z) {
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.000000119e+00f));
   return Vec(_mm512_scalef_ps(p, n));
 #else
+  const Vec clamped = at::vec::clamp(z, Vec(-88.0f), Vec(88.0f));
   return clamped.neg().exp_u20();  // PyTorch's vectorised exp (ULP 20, far below our tolerances)
 #endif
 }
