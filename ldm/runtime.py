@@ -20,11 +20,23 @@ if TYPE_CHECKING:
 # glibc <malloc.h> parameter numbers
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
+_M_MMAP_MAX = -4
 _MMAP_THRESHOLD_BYTES = 32 * 2**20  # DEFAULT_MMAP_THRESHOLD_MAX on 64-bit glibc
 
 
-def tune_allocator() -> bool:
-    """Keep freed memory for reuse (no mmap per large block, no trimming); False off glibc."""
+def tune_allocator(heap_only: bool = False) -> bool:
+    """Keep freed memory for reuse (no trimming; blocks up to 32 MiB from the heap, or every
+    block with `heap_only`); False off glibc.
+
+    Blocks up to 32 MiB (glibc's largest mmap threshold) come from the heap and stay mapped
+    when freed; larger ones are mapped per use and go back to the OS on free. Heap-only
+    allocation (M_MMAP_MAX = 0) was measured for the pipelines too: same speed within 1-2%,
+    but the VAE decoder's ever-larger activations fragment the heap and raised a 512 px
+    decode's peak RSS from 1769 to about 2280 MiB (the peer, with glibc's defaults: about
+    2100). A memory-bound kernel on a fresh block above 32 MiB pays its page faults (4x the
+    kernel's own time for a GroupNorm at 1x128x256x256 fp32), which is why the kernel benchmark
+    uses `heap_only`.
+    """
     if not sys.platform.startswith("linux"):
         return False
     try:
@@ -33,12 +45,7 @@ def tune_allocator() -> bool:
     except (OSError, AttributeError):  # musl or another libc without mallopt
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    # Blocks up to 32 MiB (glibc's largest threshold) come from the heap and stay mapped when
-    # freed; larger ones are mapped per use and go back to the OS on free. Putting every block
-    # on the heap (M_MMAP_MAX = 0) was measured too: same speed within 1-2%, but the VAE
-    # decoder's ever-larger activations fragment the heap and raised a 512 px decode's peak
-    # RSS from 1769 to about 2280 MiB (the peer, with glibc's defaults: about 2100).
-    ok = mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES)
+    ok = mallopt(_M_MMAP_MAX, 0) if heap_only else mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES)
     ok &= mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)  # never hand the heap top back to the OS
     return bool(ok)
 
