@@ -186,7 +186,7 @@ void apply_run(const T* x, T* y, int64_t n, const P& scale, const P& shift) {
         const int64_t j = i + k * kLanes;
         z[k] = at::vec::fmadd(load_lanes(x + j), scale.vec(j), shift.vec(j));
       }
-      if constexpr (kSilu) silu_lanes(z);
+      if constexpr (kSilu) silu_lanes<kUnroll, std::is_same_v<T, c10::BFloat16>>(z);
       for (int k = 0; k < kUnroll; ++k) store_lanes(y + i + k * kLanes, z[k]);
     }
     for (; i + kLanes <= n; i += kLanes) {
