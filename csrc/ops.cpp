@@ -1,5 +1,5 @@
 // The one TORCH_LIBRARY block of ldm: every op schema lives here. Implementations register
-// per dispatch key in csrc/cpu/*.cpp and csrc/cuda/*.cu; fake (meta) and autograd
+// per dispatch key in csrc/cpu/*.cpp and csrc/cuda/*.cu; fake (meta) and GroupNorm's autograd
 // registrations are in ldm/kernels/*.py.
 #include <Python.h>
 #include <torch/library.h>
@@ -24,4 +24,12 @@ TORCH_LIBRARY(ldm, m) {
   // coeffs layout: see ldm/kernels/sampler_step.py (COEFF_* indices).
   m.def("sampler_step(Tensor x, Tensor model_output, Tensor coeffs, Tensor? noise, "
         "Tensor? prev, int prediction_type, bool learned_variance) -> (Tensor, Tensor)");
+}
+
+// sampler_step is an inference update with no derivative. Falling through the Autograd key
+// makes its outputs plain tensors, so a loss built only from them raises "does not require
+// grad" instead of autograd's deprecated not-implemented fallback warning and backpropagating
+// nothing. ldm.kernels.sampler_step_reference is the differentiable path.
+TORCH_LIBRARY_IMPL(ldm, Autograd, m) {
+  m.impl("sampler_step", torch::CppFunction::makeFallthrough());
 }

@@ -112,3 +112,17 @@ def test_bad_input_raises(change, message):
     with pytest.raises(RuntimeError, match=message):
         torch.ops.ldm.sampler_step(args["x"], args["out"], args["coeffs"], args["noise"],
                                    args["prev"], args["prediction_type"], False)
+
+
+@pytest.mark.skipif("cpu" not in fused_device_types("sampler_step"), reason="needs ldm._C")
+def test_fused_step_is_not_differentiable():
+    # An inference op: its outputs do not join the autograd graph (and no deprecation
+    # warning is raised for backpropagating through an op without an autograd kernel).
+    import warnings
+    x = torch.randn(1, 4, 8, 8, requires_grad=True)
+    out = torch.randn(2, 4, 8, 8, requires_grad=True)
+    coeffs = step_coefficients(a=0.8, s=0.6, guidance_scale=5.0, c_x0=0.9, c_eps=0.4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        x_next, x0 = sampler_step(x, out, coeffs)
+    assert not x_next.requires_grad and not x0.requires_grad
