@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import sys
+import warnings
 from typing import TYPE_CHECKING
 
 import torch
@@ -73,11 +74,34 @@ def prepare_pipeline(pipe: "Pipeline", channels_last: bool = True,
 
     channels_last: oneDNN convolutions then skip their NCHW<->blocked reorders and the U-Net's
     token reshapes become views (measured: U-Net fp32 0.86x, bf16 0.94x, VAE decode 0.79x time).
-    compile: wrap the U-Net in torch.compile (inductor; the fused ops have fake kernels), which
-    pays minutes of compilation on the first call of each shape.
+    compile: wrap the U-Net with `compile_for_inference` (first call of each shape compiles).
     """
     for net in (pipe.unet, pipe.autoencoder):
         prepare_for_inference(net, pipe.dtype, channels_last=channels_last)
     if compile:
-        pipe.unet = torch.compile(pipe.unet, dynamic=False)
+        pipe.unet = compile_for_inference(pipe.unet)
     return pipe
+
+
+def compile_for_inference(module: torch.nn.Module) -> torch.nn.Module:
+    """torch.compile (inductor) for frozen-weight inference; the fused ops have fake kernels.
+
+    `freezing` lets inductor treat the weights as constants and pre-pack them for oneDNN once,
+    instead of reordering every convolution and linear weight on every call. Measured on the
+    SD 2.1-base U-Net, fp32, 32x32 latents, 2 threads, alternating calls: default options
+    1.33x slower than eager, with freezing 0.65x of eager; about 80 s to compile each shape.
+    The compiled module must not be trained or have its weights changed afterwards.
+
+    fp32 only: with bf16 weights inductor's frozen convolutions fail in oneDNN here ("could not
+    create a primitive descriptor"), and compiling without freezing was slower than eager, so
+    a non-fp32 module is returned as it is, with a warning.
+    """
+    if any(p.dtype != torch.float32 for p in module.parameters()):
+        warnings.warn("compile_for_inference: only fp32 networks are compiled (bf16 frozen "
+                      "convolutions fail in oneDNN); running eagerly", stacklevel=2)
+        return module
+    # Process-wide inductor flag: passing options={"freezing": True} to torch.compile gave the
+    # unfrozen speed here (measured 1.22x eager), so the flag is set directly.
+    import torch._inductor.config as inductor_config
+    inductor_config.freezing = True
+    return torch.compile(module, dynamic=False)

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from ldm.bench import format_table, median, peak_rss_mib, reset_peak_rss, time_alternating
 from ldm.checkpoint import PREFIXES
 from ldm.config import ModelConfig
-from ldm.runtime import prepare_for_inference, setup_cpu, tune_allocator
+from ldm.runtime import compile_for_inference, prepare_for_inference, setup_cpu, tune_allocator
 from ldm.presets import PRESETS
 
 BATCH, TOKENS, SEED = 2, 77, 0
@@ -219,6 +219,8 @@ def run_cases(cases: list[Case], opts: argparse.Namespace) -> list[list[object]]
 def run_case(case: Case, ours: nn.Module, ref: Tensor | None, peer: nn.Module,
              config: ModelConfig, opts: argparse.Namespace) -> list[object]:
     args = inputs(case, config.unet.context_dim)
+    if opts.compile and case.precision == "fp32":  # fresh per case (weights frozen in); fp32 only
+        ours = compile_for_inference(ours)
     fns = {"ours": call_ours(ours, case, args), "peer": call_peer(peer, case, args)}
     with torch.inference_mode():
         out_ours, out_peer = fns["ours"]().float(), fns["peer"]().float()
@@ -256,6 +258,10 @@ def main() -> None:
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                         help="run ours in channels_last memory format (default on)")
     parser.add_argument("--no-allocator-tuning", dest="allocator", action="store_false")
+    parser.add_argument("--compile", action="store_true",
+                        help="time ours through ldm.runtime.compile_for_inference (inductor with "
+                             "frozen weights; fp32 cases only; the first call of each case "
+                             "compiles, untimed; the memory subprocesses stay eager)")
     parser.add_argument("--_memory", help=argparse.SUPPRESS)
     opts = parser.parse_args()
     if opts._memory:
