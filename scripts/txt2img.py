@@ -65,6 +65,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--vae-tile", type=int, default=None,
                    help="decode in overlapping N x N latent tiles (bounded memory, seamless); 0 = one "
                         "pass; default: tiles of 64 when the latent is larger than 96 on a side")
+    p.add_argument("--compile", action="store_true",
+                   help="fp32: torch.compile the U-Net with frozen weights (inductor); the first "
+                        "call compiles (about a minute on a CPU), later steps run faster "
+                        "(SD U-Net 0.65x of eager here); other precisions run eagerly")
     p.add_argument("--cuda-graph", action="store_true",
                    help="CUDA only: capture the whole sampling loop once as a CUDA graph and replay it")
     return p.parse_args(argv)
@@ -216,7 +220,7 @@ def run(args: argparse.Namespace) -> None:
     pipe = ldm.load_pipeline(ckpt, config=args.config, device=args.device, dtype=dtype)
     from ldm.runtime import prepare_pipeline, setup_cpu
     setup_cpu()  # keep freed activations mapped between steps (glibc mallopt)
-    prepare_pipeline(pipe)  # channels_last convolutions
+    prepare_pipeline(pipe, compile=getattr(args, "compile", False))  # channels_last convolutions
     height = args.H or generate.default_image_size(pipe)
     width = args.W or generate.default_image_size(pipe)
     generate.check_image_size(pipe, height, width)
