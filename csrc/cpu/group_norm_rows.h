@@ -217,6 +217,17 @@ inline acc_t upstream_grad(acc_t dy, acc_t xc, acc_t scale, acc_t shift) {
   return dy * silu_grad_from_sigmoid(z, sigmoid(z), acc_t(1));
 }
 
+// xc = x - center and the upstream gradient dz for K consecutive vectors from index i.
+template <bool kSilu, int K, typename T, typename P>
+inline void upstream_grads(const T* dy, const T* x, int64_t i, const P& center, const P& scale,
+                           const P& shift, Vec (&xc)[K], Vec (&dz)[K]) {
+  for (int k = 0; k < K; ++k) {
+    const int64_t j = i + k * kLanes;
+    xc[k] = load_lanes(x + j) - center.vec(j);
+    dz[k] = upstream_grad<kSilu>(load_lanes(dy + j), xc[k], scale.vec(j), shift.vec(j));
+  }
+}
+
 // Backward pass 1 over a run: dsx += dz * (x - center), db += dz; dz is also stored to
 // dz_out when given (so pass 2 need not recompute the SiLU derivative).
 template <bool kSilu, typename T, typename P, typename S, typename acc_t = acc_type<T>>
@@ -229,11 +240,7 @@ void backward_sums_run(const T* dy, const T* x, int64_t n, const P& center, cons
     constexpr int kUnroll = 4;
     for (; i + kUnroll * kLanes <= n; i += kUnroll * kLanes) {
       Vec xc[kUnroll], dz[kUnroll];
-      for (int k = 0; k < kUnroll; ++k) {
-        const int64_t j = i + k * kLanes;
-        xc[k] = load_lanes(x + j) - center.vec(j);
-        dz[k] = upstream_grad<kSilu>(load_lanes(dy + j), xc[k], scale.vec(j), shift.vec(j));
-      }
+      upstream_grads<kSilu>(dy, x, i, center, scale, shift, xc, dz);
       for (int k = 0; k < kUnroll; ++k) {
         const int64_t j = i + k * kLanes;
         if (dz_out) dz[k].store(dz_out + j);
@@ -284,11 +291,7 @@ void backward_apply_run(const T* dy, const T* x, T* dx, int64_t n, const P& cent
     constexpr int kUnroll = 4;  // independent chains, as in backward_sums_run
     for (; i + kUnroll * kLanes <= n; i += kUnroll * kLanes) {
       Vec xc[kUnroll], dz[kUnroll];
-      for (int k = 0; k < kUnroll; ++k) {
-        const int64_t j = i + k * kLanes;
-        xc[k] = load_lanes(x + j) - center.vec(j);
-        dz[k] = upstream_grad<kSilu>(load_lanes(dy + j), xc[k], scale.vec(j), shift.vec(j));
-      }
+      upstream_grads<kSilu>(dy, x, i, center, scale, shift, xc, dz);
       for (int k = 0; k < kUnroll; ++k) {
         const int64_t j = i + k * kLanes;
         store_lanes(dx + j, at::vec::fmadd(k1.vec(j), dz[k], at::vec::fmadd(k2.vec(j), xc[k], k3.vec(j))));
