@@ -24,6 +24,9 @@ TORCH_LIBRARY(ldm, m) {
   // coeffs layout: see ldm/kernels/sampler_step.py (COEFF_* indices).
   m.def("sampler_step(Tensor x, Tensor model_output, Tensor coeffs, Tensor? noise, "
         "Tensor? prev, int prediction_type, bool learned_variance) -> (Tensor, Tensor)");
+  // softmax(q k^T * scale) v for q [B, H, N, D], k and v [B, H, M, D]; returns [B, H, N, D]
+  // stored as [B, N, H, D]. Inference only (no autograd kernel); CPU bf16 in AVX-512 builds.
+  m.def("flash_attention(Tensor q, Tensor k, Tensor v, float scale) -> Tensor");
 }
 
 // sampler_step is an inference update with no derivative. Falling through the Autograd key

@@ -6,7 +6,8 @@
 Prints a Markdown table: GroupNorm+SiLU forward and backward (fused vs eager
 F.silu(F.group_norm(x))) per shape, dtype and memory format, with the fused forward's GB/s
 beside a same-size copy_ (the machine's practical bandwidth); then the sampler update vs the
-eager sequence of ops it replaces. Times are medians (or --stat min) of interleaved repeats.
+eager sequence of ops it replaces; then the CPU bf16 attention kernel vs PyTorch's SDPA in bf16
+and fp32. Times are medians (or --stat min) of interleaved repeats.
 """
 from __future__ import annotations
 
@@ -21,12 +22,16 @@ import torch.nn.functional as F
 
 from ldm._extension import fused_device_types
 from ldm.runtime import tune_allocator
-from ldm.kernels import (PredictionType, group_norm_silu, sampler_step, sampler_step_reference,
-                         step_coefficients)
+from ldm.kernels import (PredictionType, flash_attention, group_norm_silu, sampler_step,
+                         sampler_step_reference, step_coefficients)
 
 UNET_SHAPES = ["2x320x64x64", "2x640x32x32", "2x1280x16x16"]
 VAE_SHAPES = ["1x512x64x64", "1x128x256x256", "1x128x512x512"]
 SAMPLER_SHAPES = ["2x4x64x64", "2x4x128x128"]
+# B x heads x queries x keys x head size: SD 2.x U-Net self-attention at 64x64 and 32x32
+# latents, its cross-attention to 77 tokens, and the VAE's single-head attention at 512 px.
+ATTENTION_SHAPES = ["2x5x4096x4096x64", "2x10x1024x1024x64", "2x5x4096x77x64",
+                    "1x1x4096x4096x512"]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -38,6 +43,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="GroupNorm shapes NxCxHxW (default: U-Net and VAE shapes)")
     p.add_argument("--sampler-shapes", nargs="+", default=SAMPLER_SHAPES,
                    help="sampler-step latent shapes BxCxHxW")
+    p.add_argument("--attention-shapes", nargs="+", default=ATTENTION_SHAPES,
+                   help="attention shapes BxHxNxMxD (CPU bf16 kernel; none to skip)")
     p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=sorted(DTYPES))
     p.add_argument("--formats", nargs="+", default=["nchw", "channels_last"],
                    choices=["nchw", "channels_last"])
@@ -62,6 +69,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.quick:
         args.shapes, args.repeats = [UNET_SHAPES[0], VAE_SHAPES[0]], 5
         args.sampler_shapes = SAMPLER_SHAPES[:1]
+        args.attention_shapes = ATTENTION_SHAPES[1:2]
     return args
 
 
@@ -156,6 +164,23 @@ def sampler_row(timer: Timer, shape: tuple[int, ...], device: str) -> dict[str, 
     return {"fused": t["fused"], "eager": t["eager"]}
 
 
+def attention_row(timer: Timer, shape: tuple[int, ...]) -> dict[str, float]:
+    """Fused bf16 attention vs SDPA in bf16 and in fp32 on [B, H, L, D] views of [B, L, H*D]."""
+    b, h, n, m, d = shape
+    gen = torch.Generator().manual_seed(0)
+
+    def heads(length: int, dtype: torch.dtype) -> torch.Tensor:
+        x = torch.randn(b, length, h * d, generator=gen).to(dtype)
+        return x.view(b, length, h, d).transpose(1, 2)
+
+    q, k, v = heads(n, torch.bfloat16), heads(m, torch.bfloat16), heads(m, torch.bfloat16)
+    qf, kf, vf = q.float(), k.float(), v.float()
+    return timer.compare({
+        "fused": lambda: flash_attention(q, k, v),
+        "sdpa_bf16": lambda: F.scaled_dot_product_attention(q, k, v),
+        "sdpa_fp32": lambda: F.scaled_dot_product_attention(qf, kf, vf)})
+
+
 def gbps(nbytes: int, seconds: float) -> float:
     """Bytes moved per second in GB/s."""
     return nbytes / seconds / 1e9
@@ -197,6 +222,20 @@ def main(argv: list[str] | None = None) -> int:
         r = sampler_row(timer, parse_shape(shape_text), args.device)
         print(f"| {shape_text} fp32 | {r['fused'] * 1e6:.1f} | {r['eager'] * 1e6:.1f} | "
               f"{r['eager'] / r['fused']:.2f} |", flush=True)
+    attention_shapes = [] if args.attention_shapes == ["none"] else args.attention_shapes
+    if attention_shapes and args.device == "cpu" and "cpu" in fused_device_types("flash_attention"):
+        print("\n| attention BxHxNxMxD | fused bf16 ms | SDPA bf16 ms | SDPA fp32 ms | "
+              "x bf16 | x fp32 | fused GFLOP/s |")
+        print("|---|---:|---:|---:|---:|---:|---:|")
+        for shape_text in attention_shapes:
+            shape = parse_shape(shape_text)
+            r = attention_row(timer, shape)
+            b, h, n, m, d = shape
+            flops = 4 * b * h * n * m * d  # two products, multiply + add
+            print(f"| {shape_text} | {r['fused'] * 1e3:.1f} | {r['sdpa_bf16'] * 1e3:.1f} | "
+                  f"{r['sdpa_fp32'] * 1e3:.1f} | {r['sdpa_bf16'] / r['fused']:.2f} | "
+                  f"{r['sdpa_fp32'] / r['fused']:.2f} | {flops / r['fused'] / 1e9:.0f} |",
+                  flush=True)
     return 0
 
 

@@ -41,6 +41,17 @@ inline Vec load_lanes(const T* p) {
   }
 }
 
+#if defined(CPU_CAPABILITY_AVX512)
+// 16 fp32 lanes rounded (to nearest even) to 16 bf16 values.
+inline __m256i to_bf16_lanes(__m512 v) {
+#if defined(__AVX512BF16__)
+  return reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v));  // one instruction
+#else
+  return at::vec::cvtfp32_bf16(v);
+#endif
+}
+#endif
+
 // Store kLanes fp32 values to p, narrowing to T (round to nearest even).
 template <typename T>
 inline void store_lanes(T* p, const Vec& v) {
@@ -49,12 +60,7 @@ inline void store_lanes(T* p, const Vec& v) {
 #if defined(CPU_CAPABILITY_AVX512)
   } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
     // One conversion of 16 lanes (at::vec's path converts a pair and stores half of it).
-#if defined(__AVX512BF16__)
-    const __m256i packed = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v));
-#else
-    const __m256i packed = at::vec::cvtfp32_bf16(__m512(v));
-#endif
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), packed);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), to_bf16_lanes(v));
   } else if constexpr (std::is_same_v<T, c10::Half>) {
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
                         _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
@@ -65,24 +71,15 @@ inline void store_lanes(T* p, const Vec& v) {
   }
 }
 
-// exp(-z) for every lane, never above 2^126 (so the callers' 1 + exp(-z) stays finite; the
-// SiLU and sigmoid are then 0 to fp32 precision, as they should be, for z below -87.3).
-// AVX-512: exp(-z) = 2^t = 2^n 2^f with t = min(-z log2 e, 126), n = round(t), f = t - n in
-// [-1/2, 1/2], 2^f a degree-5 minimax polynomial (fitted by Lawson's iteration: relative
-// error 7.5e-8 in exact arithmetic; measured in fp32 over z in [-88, 88], at most 4e-6 for
-// exp and 5.3e-7 for the SiLU wherever |silu| > 1e-3, from the rounding of t), and 2^n
-// applied by vscalefps (which also underflows large z to 0 without a second clamp). NaN
-// propagates. 10 instructions, 7 of them on the FMA pipes: on this Zen 4, which runs
-// 512-bit ops as two 256-bit halves, the SiLU's arithmetic bounds the fused kernels.
-//
+#if defined(CPU_CAPABILITY_AVX512)
+// 2^t for every lane: 2^n 2^f with n = round(t), f = t - n in [-1/2, 1/2], 2^f a degree-5
+// minimax polynomial (fitted by Lawson's iteration: relative error 7.5e-8 in exact
+// arithmetic) and 2^n applied by vscalefps, which underflows to 0 for very negative t
+// without a clamp. NaN propagates; t = +-inf does not (callers keep t finite or clamp it).
 // kNarrow (results rounded to bf16, whose half-ulp is 2e-3 relative): a degree-4 polynomial
 // (2.6e-6), one FMA fewer.
 template <bool kNarrow = false>
-inline Vec exp_neg_clamped(const Vec& z) {
-#if defined(CPU_CAPABILITY_AVX512)
-  // min(126, t) returns t when t is NaN (vminps passes its second operand on NaN).
-  const __m512 t = _mm512_min_ps(_mm512_set1_ps(126.0f),
-                                 _mm512_mul_ps(z, _mm512_set1_ps(-1.44269504088896341f)));
+inline __m512 exp2_poly(__m512 t) {
   const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_sub_ps(t, n);
   __m512 p;
@@ -100,7 +97,24 @@ inline Vec exp_neg_clamped(const Vec& z) {
     p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931469440e-01f));
     p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.000000119e+00f));
   }
-  return Vec(_mm512_scalef_ps(p, n));
+  return _mm512_scalef_ps(p, n);
+}
+#endif
+
+// exp(-z) for every lane, never above 2^126 (so the callers' 1 + exp(-z) stays finite; the
+// SiLU and sigmoid are then 0 to fp32 precision, as they should be, for z below -87.3).
+// AVX-512: 2^t with t = min(-z log2 e, 126) by exp2_poly. Measured in fp32 over z in
+// [-88, 88]: at most 4e-6 relative for exp and 5.3e-7 for the SiLU wherever |silu| > 1e-3
+// (from the rounding of t). 10 instructions, 7 of them on the FMA pipes: on this Zen 4,
+// which runs 512-bit ops as two 256-bit halves, the SiLU's arithmetic bounds the fused
+// kernels.
+template <bool kNarrow = false>
+inline Vec exp_neg_clamped(const Vec& z) {
+#if defined(CPU_CAPABILITY_AVX512)
+  // min(126, t) returns t when t is NaN (vminps passes its second operand on NaN).
+  const __m512 t = _mm512_min_ps(_mm512_set1_ps(126.0f),
+                                 _mm512_mul_ps(z, _mm512_set1_ps(-1.44269504088896341f)));
+  return Vec(exp2_poly<kNarrow>(t));
 #else
   const Vec clamped = at::vec::clamp(z, Vec(-88.0f), Vec(88.0f));
   return clamped.neg().exp_u20();  // PyTorch's vectorised exp (ULP 20, far below our tolerances)

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ldm.kernels.attention import flash_attention
 from ldm.models.layers import GroupNormSiLU, zero_module
 
 _REDUCED = (torch.float16, torch.bfloat16)
@@ -12,7 +13,7 @@ _REDUCED = (torch.float16, torch.bfloat16)
 
 def sdpa_needs_upcast(q: Tensor) -> bool:
     """SD computes the softmax in fp32 (_ATTN_PRECISION). The fused SDPA kernels of CUDA and of
-    the CPU for bf16 (flash attention: fp32 logits, max and sum) do so already; upcasting
+    the CPU for bf16 (PyTorch's and ours: fp32 logits, max and sum) do so already; upcasting
     there only costs copies and fp32 matmuls."""
     if q.dtype not in _REDUCED or q.device.type == "cuda":
         return False
@@ -27,7 +28,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, heads: int) -> Tensor:
     dtype = q.dtype
     if sdpa_needs_upcast(q):
         q, k, v = q.float(), k.float(), v.float()
-    out = F.scaled_dot_product_attention(q, k, v)  # scale 1/sqrt(d)
+    out = flash_attention(q, k, v)  # scale 1/sqrt(d); CPU bf16 inference: ldm's fused kernel
     return out.to(dtype).transpose(1, 2).reshape(b, n, inner)
 
 

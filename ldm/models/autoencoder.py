@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ldm.config import AutoencoderConfig
+from ldm.kernels.attention import flash_attention
 from ldm.models.attention import sdpa_needs_upcast
 from ldm.models.layers import GroupNormSiLU
 from ldm.models.upsample import Upsample
@@ -59,7 +60,7 @@ class AttnBlock(nn.Module):
         dtype = q.dtype
         if sdpa_needs_upcast(q):
             q, k, v = q.float(), k.float(), v.float()  # softmax in fp32, as SD
-        out = F.scaled_dot_product_attention(q, k, v).to(dtype)  # [B, 1, HW, C]
+        out = flash_attention(q, k, v).to(dtype)  # [B, 1, HW, C]
         return x + self.proj_out(out.transpose(2, 3).reshape(b, c, h, w))
 
 
