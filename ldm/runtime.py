@@ -10,7 +10,6 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import sys
-import warnings
 from typing import TYPE_CHECKING
 
 import torch
@@ -92,14 +91,12 @@ def compile_for_inference(module: torch.nn.Module) -> torch.nn.Module:
     1.33x slower than eager, with freezing 0.65x of eager; about 80 s to compile each shape.
     The compiled module must not be trained or have its weights changed afterwards.
 
-    fp32 only: with bf16 weights inductor's frozen convolutions fail in oneDNN here ("could not
-    create a primitive descriptor"), and compiling without freezing was slower than eager, so
-    a non-fp32 module is returned as it is, with a warning.
+    Measured the same way in bf16 (channels_last, fused attention inside the graph): 0.72x of
+    eager at 32x32 and 0.89x at 64x64 (the attention kernel, already fused, is a larger share
+    there); compiled and eager bf16 differ by 0.7% relative L2, as bf16 and fp32 do. The VAE
+    decoder gained nothing (0.97-1.06x) and runs once per image, so pipelines compile only the
+    U-Net.
     """
-    if any(p.dtype != torch.float32 for p in module.parameters()):
-        warnings.warn("compile_for_inference: only fp32 networks are compiled (bf16 frozen "
-                      "convolutions fail in oneDNN); running eagerly", stacklevel=2)
-        return module
     # Process-wide inductor flag: passing options={"freezing": True} to torch.compile gave the
     # unfrozen speed here (measured 1.22x eager), so the flag is set directly.
     import torch._inductor.config as inductor_config

@@ -219,7 +219,7 @@ def run_cases(cases: list[Case], opts: argparse.Namespace) -> list[list[object]]
 def run_case(case: Case, ours: nn.Module, ref: Tensor | None, peer: nn.Module,
              config: ModelConfig, opts: argparse.Namespace) -> list[object]:
     args = inputs(case, config.unet.context_dim)
-    if opts.compile and case.precision == "fp32":  # fresh per case (weights frozen in); fp32 only
+    if opts.compile and case.net == "unet":  # fresh per case (weights frozen in)
         ours = compile_for_inference(ours)
     fns = {"ours": call_ours(ours, case, args), "peer": call_peer(peer, case, args)}
     with torch.inference_mode():
@@ -260,8 +260,9 @@ def main() -> None:
     parser.add_argument("--no-allocator-tuning", dest="allocator", action="store_false")
     parser.add_argument("--compile", action="store_true",
                         help="time ours through ldm.runtime.compile_for_inference (inductor with "
-                             "frozen weights; fp32 cases only; the first call of each case "
-                             "compiles, untimed; the memory subprocesses stay eager)")
+                             "frozen weights; U-Net cases, fp32 and bf16; the first call of "
+                             "each case compiles, untimed; the VAE and the memory subprocesses "
+                             "stay eager)")
     parser.add_argument("--_memory", help=argparse.SUPPRESS)
     opts = parser.parse_args()
     if opts._memory:

@@ -67,5 +67,16 @@ def test_cached_kernels_follow_weight_updates() -> None:
     torch.testing.assert_close(up(x.double()), direct(x.double(), up.conv), rtol=1e-12, atol=1e-12)
 
 
+def test_weights_made_in_inference_mode() -> None:
+    # Inference tensors have no version counter: no cache, but in-place updates still count.
+    torch.manual_seed(4)
+    x = torch.randn(1, 4, 3, 3)
+    with torch.inference_mode():
+        up = Upsample(4)
+        torch.testing.assert_close(up(x), direct(x, up.conv), rtol=1e-5, atol=1e-5)
+        up.conv.weight.mul_(2.0)
+        torch.testing.assert_close(up(x), direct(x, up.conv), rtol=1e-5, atol=1e-5)
+
+
 def test_state_dict_is_the_plain_conv() -> None:
     assert set(Upsample(4).state_dict()) == {"conv.weight", "conv.bias"}

@@ -72,7 +72,10 @@ class Upsample(nn.Module):
 
     def _kernels(self, channels_last: bool) -> Tensor:
         weight = self.conv.weight
-        if (torch.is_grad_enabled() and weight.requires_grad) or torch.compiler.is_compiling():
+        if ((torch.is_grad_enabled() and weight.requires_grad) or torch.compiler.is_compiling()
+                or weight.is_inference()):
+            # Inference tensors (weights made under torch.inference_mode) have no version
+            # counter, so an in-place update could not be seen: fold on every call instead.
             return phase_kernels(weight)
         # Cached in the memory format of the input, so no call re-lays the kernels out (a
         # 5120x1280x2x2 relayout cost 40 ms per call in the SD U-Net).
