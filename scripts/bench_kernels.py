@@ -39,12 +39,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shapes", nargs="+", default=UNET_SHAPES + VAE_SHAPES,
-                   help="GroupNorm shapes NxCxHxW (default: U-Net and VAE shapes)")
-    p.add_argument("--sampler-shapes", nargs="+", default=SAMPLER_SHAPES,
-                   help="sampler-step latent shapes BxCxHxW")
-    p.add_argument("--attention-shapes", nargs="+", default=ATTENTION_SHAPES,
-                   help="attention shapes BxHxNxMxD (CPU bf16 kernel; none to skip)")
+    p.add_argument("--shapes", nargs="*", default=UNET_SHAPES + VAE_SHAPES,
+                   help="GroupNorm shapes NxCxHxW (default: U-Net and VAE shapes; none: skip)")
+    p.add_argument("--sampler-shapes", nargs="*", default=SAMPLER_SHAPES,
+                   help="sampler-step latent shapes BxCxHxW (none: skip)")
+    p.add_argument("--attention-shapes", nargs="*", default=ATTENTION_SHAPES,
+                   help="attention shapes BxHxNxMxD (CPU bf16 kernel; none: skip)")
     p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=sorted(DTYPES))
     p.add_argument("--formats", nargs="+", default=["nchw", "channels_last"],
                    choices=["nchw", "channels_last"])
@@ -199,9 +199,10 @@ def main(argv: list[str] | None = None) -> int:
           f"fused_kernels={'yes' if fused_on else 'NO (reference path)'} repeats={args.repeats} "
           f"stat={args.stat} allocator={allocator}")
     timer = Timer(args.device, args.repeats, args.min_sample_ms / 1e3, args.stat)
-    print("\n| shape | dtype | format | fwd fused ms | fwd eager ms | fwd x | fused GB/s | "
-          "copy GB/s | % of copy | bwd fused ms | bwd eager ms | bwd x |")
-    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    if args.shapes:
+        print("\n| shape | dtype | format | fwd fused ms | fwd eager ms | fwd x | fused GB/s | "
+              "copy GB/s | % of copy | bwd fused ms | bwd eager ms | bwd x |")
+        print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for shape_text in args.shapes:
         shape = parse_shape(shape_text)
         for dname in args.dtypes:
@@ -216,18 +217,18 @@ def main(argv: list[str] | None = None) -> int:
                       f"{r['fwd_eager'] * 1e3:.2f} | {r['fwd_eager'] / r['fwd_fused']:.2f} | "
                       f"{fused_bw:.1f} | {copy_bw:.1f} | {100 * fused_bw / copy_bw:.0f}% | {bwd} |",
                       flush=True)
-    print("\n| sampler step (guided eps, noise) | fused us | eager us | x |")
-    print("|---|---:|---:|---:|")
+    if args.sampler_shapes:
+        print("\n| sampler step (guided eps, noise) | fused us | eager us | x |")
+        print("|---|---:|---:|---:|")
     for shape_text in args.sampler_shapes:
         r = sampler_row(timer, parse_shape(shape_text), args.device)
         print(f"| {shape_text} fp32 | {r['fused'] * 1e6:.1f} | {r['eager'] * 1e6:.1f} | "
               f"{r['eager'] / r['fused']:.2f} |", flush=True)
-    attention_shapes = [] if args.attention_shapes == ["none"] else args.attention_shapes
-    if attention_shapes and args.device == "cpu" and "cpu" in fused_device_types("flash_attention"):
+    if args.attention_shapes and args.device == "cpu" and "cpu" in fused_device_types("flash_attention"):
         print("\n| attention BxHxNxMxD | fused bf16 ms | SDPA bf16 ms | SDPA fp32 ms | "
               "x bf16 | x fp32 | fused GFLOP/s |")
         print("|---|---:|---:|---:|---:|---:|---:|")
-        for shape_text in attention_shapes:
+        for shape_text in args.attention_shapes:
             shape = parse_shape(shape_text)
             r = attention_row(timer, shape)
             b, h, n, m, d = shape

@@ -31,6 +31,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -105,24 +106,56 @@ void pack_values(const Rows& v, const Shape& s, Pair* out) {
   }
 }
 
-// S[r][0:64] = mul * q_r . k_j for kRows query rows and one 64-key chunk.
+inline __mmask16 first_lanes(int64_t count) {  // lanes [0, count) of a vector, count >= 0
+  return _cvtu32_mask16(count >= kLanes ? 0xFFFFu : (1u << count) - 1);
+}
+
+// S[r][0:16 kVecs] = mul * q_r . k_j for kRows query rows and the first 16 kVecs keys of a
+// chunk; row_max[r] = max(row_max[r], max over the first `valid` of those keys).
+template <int kVecs>
 void score_kernel(const Pair* q, int64_t dp, const Pair* k, float* s, int64_t s_stride,
-                  float mul) {
-  __m512 acc[kRows][4];
+                  float mul, int64_t valid, float* row_max) {
+  __m512 acc[kRows][kVecs];
   for (auto& row : acc)
     for (auto& a : row) a = _mm512_setzero_ps();
   for (int64_t p = 0; p < dp; ++p) {
-    __m512i b[4];
-    for (int v = 0; v < 4; ++v) b[v] = _mm512_loadu_si512(k + p * kChunk + v * kLanes);
+    __m512i b[kVecs];
+    for (int v = 0; v < kVecs; ++v) b[v] = _mm512_loadu_si512(k + p * kChunk + v * kLanes);
     for (int r = 0; r < kRows; ++r) {
       const __m512i a = _mm512_set1_epi32(static_cast<int>(q[r * dp + p]));
-      for (int v = 0; v < 4; ++v) acc[r][v] = dot_pairs(acc[r][v], a, b[v]);
+      for (int v = 0; v < kVecs; ++v) acc[r][v] = dot_pairs(acc[r][v], a, b[v]);
     }
   }
   const __m512 scale = _mm512_set1_ps(mul);
-  for (int r = 0; r < kRows; ++r)
-    for (int v = 0; v < 4; ++v)
-      _mm512_storeu_ps(s + r * s_stride + v * kLanes, _mm512_mul_ps(acc[r][v], scale));
+  const __m512 lowest = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  for (int r = 0; r < kRows; ++r) {
+    __m512 vmax = lowest;
+    for (int v = 0; v < kVecs; ++v) {
+      const __m512 scaled = _mm512_mul_ps(acc[r][v], scale);
+      _mm512_storeu_ps(s + r * s_stride + v * kLanes, scaled);
+      // Padded keys score 0 and must not raise the max (all-negative rows would underflow).
+      vmax = _mm512_mask_max_ps(vmax, first_lanes(valid - v * kLanes), vmax, scaled);
+    }
+    row_max[r] = std::max(row_max[r], _mm512_reduce_max_ps(vmax));
+  }
+}
+
+// Scores of kRows rows against keys [0, count) of a block (chunks of 64, the last one cut
+// to whole vectors); block_max[r] receives each row's maximum.
+void score_block(const Pair* q, int64_t dp, const Pair* k, float* s, int64_t count, float mul,
+                 float* block_max) {
+  std::fill(block_max, block_max + kRows, -std::numeric_limits<float>::infinity());
+  for (int64_t c = 0; c < count; c += kChunk) {
+    const int64_t valid = std::min(kChunk, count - c);
+    const Pair* kc = k + c * dp;
+    float* sc = s + c;
+    switch ((valid + kLanes - 1) / kLanes) {
+      case 1: score_kernel<1>(q, dp, kc, sc, kBlockK, mul, valid, block_max); break;
+      case 2: score_kernel<2>(q, dp, kc, sc, kBlockK, mul, valid, block_max); break;
+      case 3: score_kernel<3>(q, dp, kc, sc, kBlockK, mul, valid, block_max); break;
+      default: score_kernel<4>(q, dp, kc, sc, kBlockK, mul, valid, block_max); break;
+    }
+  }
 }
 
 // O[r][0:16 kVecs] = corr[r] O[r] + P[r] . V for kRows rows over `pairs` key pairs.
@@ -162,23 +195,25 @@ void output_update(const Pair* p, int64_t p_stride, const Pair* v, const Shape& 
   }
 }
 
-// Online-softmax step for one row: S[0:count] (already times log2 e) -> P (bf16, zero up to
-// the next 16), updates the running max and sum, returns the rescale factor of the old O.
-float softmax_step(const float* s, int64_t count, float& max, float& sum, uint16_t* p) {
-  const __m512 lowest = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-  __m512 vmax = lowest;
-  for (int64_t j = 0; j < count; j += kLanes) {
-    const __mmask16 live = _cvtu32_mask16(count - j >= kLanes ? 0xFFFFu : (1u << (count - j)) - 1);
-    vmax = _mm512_max_ps(vmax, _mm512_mask_loadu_ps(lowest, live, s + j));
-  }
-  const float new_max = std::max(max, _mm512_reduce_max_ps(vmax));
+// Online-softmax step for one row: S[0:count] (already times log2 e, maximum block_max) ->
+// P (bf16, zero up to the next 16), updates the running max and sum, returns the rescale
+// factor of the old O.
+float softmax_step(const float* s, int64_t count, float block_max, float& max, float& sum,
+                   uint16_t* p) {
+  const float new_max = std::max(max, block_max);
   const float corr = std::exp2(max - new_max);  // 0 on the first block (max = -inf)
   const __m512 shift = _mm512_set1_ps(new_max);
   __m512 vsum = _mm512_setzero_ps();
-  for (int64_t j = 0; j < count; j += kLanes) {
-    const __mmask16 live = _cvtu32_mask16(count - j >= kLanes ? 0xFFFFu : (1u << (count - j)) - 1);
+  int64_t j = 0;
+  for (; j + kLanes <= count; j += kLanes) {
+    const __m512 e = exp2_poly</*kNarrow=*/true>(_mm512_sub_ps(_mm512_loadu_ps(s + j), shift));
+    vsum = _mm512_add_ps(vsum, e);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + j), to_bf16_lanes(e));
+  }
+  if (j < count) {
     const __m512 e = _mm512_maskz_mov_ps(
-        live, exp2_poly</*kNarrow=*/true>(_mm512_sub_ps(_mm512_loadu_ps(s + j), shift)));
+        first_lanes(count - j),
+        exp2_poly</*kNarrow=*/true>(_mm512_sub_ps(_mm512_loadu_ps(s + j), shift)));
     vsum = _mm512_add_ps(vsum, e);
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + j), to_bf16_lanes(e));
   }
@@ -193,21 +228,27 @@ struct Scratch {
   std::vector<float> s;     // [kBlockQ][kBlockK]
   std::vector<uint16_t> p;  // [kBlockQ][kBlockK]
   std::vector<float> o;     // [kBlockQ][d_lanes]
-  std::vector<float> max, sum, corr;
+  std::vector<float> max, sum, corr, block_max;
   explicit Scratch(const Shape& sh)
       : q(kBlockQ * sh.d_pairs()), s(kBlockQ * kBlockK), p(kBlockQ * kBlockK),
-        o(kBlockQ * sh.d_lanes()), max(kBlockQ), sum(kBlockQ), corr(kBlockQ) {}
+        o(kBlockQ * sh.d_lanes()), max(kBlockQ), sum(kBlockQ), corr(kBlockQ),
+        block_max(kBlockQ) {}
 };
 
 // Rows [q0, q0 + rows) of one head: out rows (stride out_stride) = attention of q over K, V.
 void attend_block(const Rows& q, int64_t q0, int64_t rows, const Pair* kp, const Pair* vp,
                   const Shape& sh, float mul, uint16_t* out, int64_t out_stride, Scratch& w) {
   const int64_t dp = sh.d_pairs(), dl = sh.d_lanes(), padded = round_up(rows, kRows);
-  for (int64_t r = 0; r < padded; ++r)  // zero rows past the end give finite unused scores
+  for (int64_t r = 0; r < padded; ++r) {  // zero rows past the end give finite unused scores
+    Pair* dst = w.q.data() + r * dp;
+    if (r < rows && sh.d % 2 == 0) {  // a row of q already is d/2 pairs
+      std::memcpy(dst, q.data + (q0 + r) * q.row_stride, sh.d * sizeof(uint16_t));
+      continue;
+    }
     for (int64_t p = 0; p < dp; ++p)
-      w.q[r * dp + p] = r >= rows ? 0
-                                  : pair_of(q.at(q0 + r, 2 * p),
-                                            2 * p + 1 < sh.d ? q.at(q0 + r, 2 * p + 1) : 0);
+      dst[p] = r >= rows ? 0
+                         : pair_of(q.at(q0 + r, 2 * p), 2 * p + 1 < sh.d ? q.at(q0 + r, 2 * p + 1) : 0);
+  }
   std::fill(w.o.begin(), w.o.end(), 0.0f);
   std::fill(w.max.begin(), w.max.end(), -std::numeric_limits<float>::infinity());
   std::fill(w.sum.begin(), w.sum.end(), 0.0f);
@@ -215,17 +256,16 @@ void attend_block(const Rows& q, int64_t q0, int64_t rows, const Pair* kp, const
   for (int64_t k0 = 0; k0 < sh.m; k0 += kBlockK) {
     const int64_t count = std::min(kBlockK, sh.m - k0);
     for (int64_t r = 0; r < padded; r += kRows)
-      for (int64_t c = 0; c < count; c += kChunk)
-        score_kernel(w.q.data() + r * dp, dp, kp + (k0 + c) * dp, w.s.data() + r * kBlockK + c,
-                     kBlockK, mul);
+      score_block(w.q.data() + r * dp, dp, kp + k0 * dp, w.s.data() + r * kBlockK, count, mul,
+                  w.block_max.data() + r);
     for (int64_t r = 0; r < padded; ++r)
-      w.corr[r] = softmax_step(w.s.data() + r * kBlockK, count, w.max[r], w.sum[r],
-                               w.p.data() + r * kBlockK);
+      w.corr[r] = softmax_step(w.s.data() + r * kBlockK, count, w.block_max[r], w.max[r],
+                               w.sum[r], w.p.data() + r * kBlockK);
     for (int64_t r = 0; r < padded; r += kRows)
       output_update(p_pairs + r * (kBlockK / 2), kBlockK / 2, vp + (k0 / 2) * dl, sh,
                     (count + 1) / 2, w.corr.data() + r, w.o.data() + r * dl);
   }
-  const __mmask16 tail = _cvtu32_mask16((1u << (sh.d % kLanes)) - 1);
+  const __mmask16 tail = first_lanes(sh.d % kLanes);
   for (int64_t r = 0; r < rows; ++r) {
     const __m512 inv = _mm512_set1_ps(1.0f / w.sum[r]);
     uint16_t* dst = out + (q0 + r) * out_stride;
