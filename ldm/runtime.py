@@ -89,7 +89,11 @@ def compile_for_inference(module: torch.nn.Module) -> torch.nn.Module:
     instead of reordering every convolution and linear weight on every call. Measured on the
     SD 2.1-base U-Net, fp32, 32x32 latents, 2 threads, alternating calls: default options
     1.33x slower than eager, with freezing 0.65x of eager; about 80 s to compile each shape.
-    The compiled module must not be trained or have its weights changed afterwards.
+    The compiled module must not be trained or have its weights changed afterwards, in dtype
+    either: dynamo's guards do not see an in-place `.to(torch.bfloat16)` of the module, and
+    the old graph, with its frozen fp32 weights, then fails inside oneDNN ("could not create a
+    primitive descriptor"; how bf16 compiling seemed broken in the third session). Convert
+    first, then compile (as prepare_pipeline does), or call torch._dynamo.reset() in between.
 
     Measured the same way in bf16 (channels_last, fused attention inside the graph): 0.72x of
     eager at 32x32 and 0.89x at 64x64 (the attention kernel, already fused, is a larger share

@@ -220,6 +220,10 @@ def run_case(case: Case, ours: nn.Module, ref: Tensor | None, peer: nn.Module,
              config: ModelConfig, opts: argparse.Namespace) -> list[object]:
     args = inputs(case, config.unet.context_dim)
     if opts.compile and case.net == "unet":  # fresh per case (weights frozen in)
+        # ours was converted to bf16 in place after the fp32 cases: dynamo's guards do not see
+        # that, and would reuse the fp32 graph with its frozen fp32 weights (oneDNN then fails
+        # on the bf16 input), so every compiled case starts from an empty cache.
+        torch._dynamo.reset()
         ours = compile_for_inference(ours)
     fns = {"ours": call_ours(ours, case, args), "peer": call_peer(peer, case, args)}
     with torch.inference_mode():
