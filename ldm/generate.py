@@ -128,7 +128,14 @@ def latents_to_images(pipe: "Pipeline", latents: Tensor, vae_tile: int | None = 
     blending; see ldm.models.tiling); 0 decodes in one pass; None picks automatically.
     """
     from ldm.models.tiling import decode_tiled
+    from ldm.runtime import release_free_memory
     tile = resolve_vae_tile(tuple(latents.shape[-2:]), vae_tile)
+    # With trimming off (ldm.runtime.tune_allocator) the U-Net's freed activations stay mapped
+    # and the decoder's differently sized blocks pile on top: measured 4543 MiB peak for a
+    # 512 px bf16 SD 2.1-base run, against 4066 MiB with glibc's defaults. Handing them back
+    # first costs the decoder some page faults, once per batch.
+    if latents.device.type == "cpu":
+        release_free_memory()
     with torch.inference_mode():
         if tile:
             pixels = decode_tiled(pipe.decode_latents, latents, pipe.downsampling_factor,

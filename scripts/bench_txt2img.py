@@ -5,6 +5,13 @@
 
 sd2-base: the SD 2.1-base architecture (U-Net 865.9M, VAE 83.7M, OpenCLIP ViT-H-14 text tower
 from open_clip's registry) with random weights; nothing is downloaded.
+
+    python scripts/bench_txt2img.py --side peer --precision bf16   # diffusers' pipeline, same job
+
+--side peer runs diffusers' StableDiffusionPipeline in the same configuration (random weights,
+transformers' CLIPTextModel in the SD 2.x text-tower configuration, DDIM) for the time and
+peak-memory comparison; it has no tokenizer files offline, so it is given the text encoder's
+embeddings of fixed token ids (the encoder still runs inside the timed call).
 """
 from __future__ import annotations
 
@@ -17,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ldm.bench import format_table, median, peak_rss_mib
+from ldm.bench import format_table, median, peak_rss_mib, reset_peak_rss
 from ldm.runtime import prepare_pipeline, setup_cpu
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -51,6 +58,19 @@ def timed_methods(targets: dict[str, tuple[object, str]],
                 setattr(obj, method, own)
 
 
+class PeakMemory:
+    """Peak RSS of loading (random weights are built in fp32 first, on both sides) and, after
+    resetting the counter, of the txt2img runs themselves (loaded weights included)."""
+
+    def __init__(self) -> None:
+        self.load_mib = peak_rss_mib()
+        self.reset = reset_peak_rss()
+
+    def report(self) -> str:
+        runs = f"{peak_rss_mib():.0f} MiB" if self.reset else "n/a (counter not resettable)"
+        return f"peak RSS: load {self.load_mib:.0f} MiB, runs {runs}"
+
+
 def load(model: str, dtype: torch.dtype, channels_last: bool, compile: bool = False) -> "object":
     """A Pipeline: the SD 2.1-base architecture with random weights, or a checkpoint file."""
     import ldm
@@ -61,6 +81,48 @@ def load(model: str, dtype: torch.dtype, channels_last: bool, compile: bool = Fa
         pipe = ldm.load_pipeline(Path(model), dtype=dtype)
     pipe.text_encoder.eval().requires_grad_(False)
     return prepare_pipeline(pipe, channels_last=channels_last, compile=compile)
+
+
+def load_peer(dtype: torch.dtype) -> "object":
+    """diffusers' StableDiffusionPipeline, SD 2.1-base configuration, random weights, in dtype
+    (weights converted: the peer's lowest-memory CPU set-up)."""
+    import warnings
+
+    from bench_models import build_peer  # scripts/ is on sys.path when run as a script
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from ldm.presets import PRESETS
+    config = PRESETS["sd2"]()
+    torch.manual_seed(0)
+    # OpenCLIP ViT-H-14's text tower as SD 2.x's diffusers checkpoints configure it.
+    text = CLIPTextModel(CLIPTextConfig(
+        vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
+        num_attention_heads=16, max_position_embeddings=77, hidden_act="gelu",
+        projection_dim=512))
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pipe = StableDiffusionPipeline(
+            vae=build_peer("vae", config, None), text_encoder=text, tokenizer=None,
+            unet=build_peer("unet", config, None), scheduler=scheduler, safety_checker=None,
+            feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(dtype=dtype)
+
+
+def run_peer_once(pipe: object, opts: argparse.Namespace) -> dict[str, float]:
+    """Seconds of one diffusers txt2img call (its networks are not split out)."""
+    ids = torch.randint(0, 49408, (2, 77), generator=torch.Generator().manual_seed(0))
+    start = time.perf_counter()
+    with torch.inference_mode():
+        embeddings = pipe.text_encoder(ids)[0]  # [negative; prompt]
+        pipe(prompt_embeds=embeddings[1:], negative_prompt_embeds=embeddings[:1],
+             height=opts.size, width=opts.size, num_inference_steps=opts.steps,
+             guidance_scale=opts.scale, generator=torch.Generator().manual_seed(0),
+             output_type="pil")
+    return {"total": time.perf_counter() - start}
 
 
 def run_once(pipe: object, opts: argparse.Namespace) -> dict[str, float]:
@@ -95,9 +157,15 @@ def main() -> None:
                         help="U-Net and VAE in channels_last (default on)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the U-Net")
     parser.add_argument("--no-allocator-tuning", dest="allocator", action="store_false")
+    parser.add_argument("--side", choices=["ours", "peer"], default="ours",
+                        help="peer: diffusers' pipeline instead (sd2-base only, DDIM, glibc's "
+                             "default allocator; needs requirements-bench.txt)")
     opts = parser.parse_args()
+    if opts.side == "peer":
+        return main_peer(opts)
     setup_cpu(opts.threads, allocator=opts.allocator)
     pipe = load(opts.model, PRECISIONS[opts.precision], opts.channels_last, opts.compile)
+    memory = PeakMemory()
     if opts.size is None:
         from ldm.generate import default_image_size
         opts.size = default_image_size(pipe)
@@ -110,8 +178,25 @@ def main() -> None:
              f"{100 * median([r[k] for r in runs]) / total:.2f}%"] for k in keys]
     print(f"{opts.model}, {opts.precision}, {opts.size}x{opts.size}, {opts.steps} steps "
           f"{opts.sampler}, guidance {opts.scale}, {torch.get_num_threads()} threads, "
-          f"peak RSS {peak_rss_mib():.0f} MiB")
+          f"{memory.report()}")
     print(format_table(["part", "seconds", "share"], rows))
+
+
+def main_peer(opts: argparse.Namespace) -> None:
+    """The same job through diffusers: total seconds and peak RSS."""
+    if opts.model != "sd2-base" or opts.sampler != "ddim":
+        raise SystemExit("error: --side peer runs only --model sd2-base with --sampler ddim")
+    setup_cpu(opts.threads, allocator=False)  # the peer with glibc's defaults, as its users run
+    pipe = load_peer(PRECISIONS[opts.precision])
+    memory = PeakMemory()
+    opts.size = opts.size or 512
+    if opts.warmup:
+        run_peer_once(pipe, argparse.Namespace(**{**vars(opts), "steps": 1}))
+    total = median([run_peer_once(pipe, opts)["total"] for _ in range(opts.repeats)])
+    print(f"peer (diffusers), sd2-base, {opts.precision}, {opts.size}x{opts.size}, {opts.steps} "
+          f"steps ddim, guidance {opts.scale}, {torch.get_num_threads()} threads, "
+          f"{memory.report()}")
+    print(format_table(["part", "seconds", "share"], [["total", f"{total:.3f}", "100.00%"]]))
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import torch
 from ldm.config import AutoencoderConfig, UNetConfig
 from ldm.models.autoencoder import AutoencoderKL
 from ldm.models.unet import UNetModel
-from ldm.runtime import prepare_for_inference, setup_cpu, tune_allocator
+from ldm.runtime import prepare_for_inference, release_free_memory, setup_cpu, tune_allocator
 
 TINY_UNET = UNetConfig(model_channels=32, channel_mult=[1, 2], num_res_blocks=1,
                        attention_resolutions=[2], num_heads=2, context_dim=32,
@@ -35,6 +35,25 @@ def test_allocator_tuning_and_threads() -> None:
         assert done == {"threads": 1, "allocator_tuned": False}
     finally:
         torch.set_num_threads(before)
+
+
+def test_release_free_memory_returns_freed_heap_pages() -> None:
+    import sys
+
+    import pytest
+    if not sys.platform.startswith("linux"):
+        pytest.skip("glibc only")
+    assert tune_allocator()  # trimming off: freed heap memory stays resident
+
+    def rss_mib() -> float:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+
+    blocks = [torch.ones(2**20) for _ in range(64)]  # 64 x 4 MiB heap blocks, touched
+    del blocks
+    before = rss_mib()
+    assert release_free_memory()
+    assert rss_mib() < before - 128  # most of the 256 MiB went back to the OS
 
 
 def test_channels_last_and_bf16_keep_the_unet_output() -> None:
