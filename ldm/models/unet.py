@@ -33,7 +33,8 @@ class ResBlock(nn.Module):
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
         h = self.in_layers(x)
         h = h + self.emb_layers(emb).to(h.dtype)[:, :, None, None]
-        return self.skip_connection(x) + self.out_layers(h)
+        # Added into out_layers' fresh output (not needed by autograd): one tensor fewer.
+        return self.out_layers(h).add_(self.skip_connection(x))
 
 
 class Downsample(nn.Module):
