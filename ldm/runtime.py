@@ -21,7 +21,8 @@ if TYPE_CHECKING:
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 _M_MMAP_MAX = -4
-_MMAP_THRESHOLD_BYTES = 32 * 2**20  # DEFAULT_MMAP_THRESHOLD_MAX on 64-bit glibc
+# Blocks above this many MiB are mapped per use (see tune_allocator), by activation dtype.
+_MMAP_THRESHOLD_MIB = {torch.float32: 32, torch.float64: 32, torch.bfloat16: 8, torch.float16: 8}
 
 
 def _glibc_function(name: str) -> "ctypes._CFuncPtr | None":
@@ -49,33 +50,43 @@ def release_free_memory() -> bool:
     return True
 
 
-def tune_allocator(heap_only: bool = False) -> bool:
-    """Keep freed memory for reuse (no trimming; blocks up to 32 MiB from the heap, or every
-    block with `heap_only`); False off glibc.
+def tune_allocator(heap_only: bool = False, dtype: torch.dtype = torch.float32) -> bool:
+    """Keep freed memory for reuse (no trimming; blocks up to 32 MiB from the heap for fp32
+    activations, 8 MiB for bf16/fp16, or every block with `heap_only`); False off glibc.
 
-    Blocks up to 32 MiB (glibc's largest mmap threshold) come from the heap and stay mapped
-    when freed; larger ones are mapped per use and go back to the OS on free. Heap-only
-    allocation (M_MMAP_MAX = 0) was measured for the pipelines too: same speed within 1-2%,
-    but the VAE decoder's ever-larger activations fragment the heap and raised a 512 px
-    decode's peak RSS from 1769 to about 2280 MiB (the peer, with glibc's defaults: about
-    2100). A memory-bound kernel on a fresh block above 32 MiB pays its page faults (4x the
-    kernel's own time for a GroupNorm at 1x128x256x256 fp32), which is why the kernel benchmark
-    uses `heap_only`.
+    Blocks up to the threshold come from the heap and stay mapped when freed; larger ones are
+    mapped per use and go back to the OS on free. Measured on SD 2.1-base:
+    - bf16, 512 px txt2img: with 32 MiB (glibc's largest dynamic threshold) the heap kept the
+      high-water mark of the U-Net's transient blocks, which crept up over the steps: peak RSS
+      of the run 4105 MiB against the peer's 3949. 8 MiB gave 3816 MiB, with U-Net calls as
+      fast (0.98x, calls alternating in one process) and the decode as fast (4 MiB: 5.76 vs
+      5.78-5.91 s).
+    - fp32, U-Net at 64x64: 8 MiB and 16 MiB were 6% slower than 32 MiB (its 10-21 MiB
+      activations then page-fault on every call), so fp32 keeps 32 MiB.
+    - Heap-only allocation (M_MMAP_MAX = 0): same speed within 1-2%, but the VAE decoder's
+      ever-larger activations fragment the heap (512 px decode peak 1769 -> about 2280 MiB).
+    A memory-bound kernel on a fresh mapped block pays its page faults (4x the kernel's own
+    time for a GroupNorm at 1x128x256x256 fp32), which is why the kernel benchmark uses
+    `heap_only`.
     """
     mallopt = _glibc_function("mallopt")
     if mallopt is None:
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    ok = mallopt(_M_MMAP_MAX, 0) if heap_only else mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES)
+    threshold = _MMAP_THRESHOLD_MIB.get(dtype, 32) * 2**20
+    ok = mallopt(_M_MMAP_MAX, 0) if heap_only else mallopt(_M_MMAP_THRESHOLD, threshold)
     ok &= mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)  # never hand the heap top back to the OS
     return bool(ok)
 
 
-def setup_cpu(threads: int | None = None, allocator: bool = True) -> dict[str, object]:
-    """Set torch's intra-op threads and (optionally) the allocator; returns what was done."""
+def setup_cpu(threads: int | None = None, allocator: bool = True,
+              dtype: torch.dtype = torch.float32) -> dict[str, object]:
+    """Set torch's intra-op threads and (optionally) the allocator for activations of dtype;
+    returns what was done."""
     if threads is not None:
         torch.set_num_threads(threads)
-    return {"threads": torch.get_num_threads(), "allocator_tuned": allocator and tune_allocator()}
+    return {"threads": torch.get_num_threads(),
+            "allocator_tuned": allocator and tune_allocator(dtype=dtype)}
 
 
 def prepare_for_inference(module: torch.nn.Module, dtype: torch.dtype = torch.float32,

@@ -60,7 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="glibc malloc set-up: 'heap' (default) serves every block from the heap, "
                         "so after the warm-up no output page-faults and the table times the "
                         "kernels; 'pipeline' is txt2img's and training's set-up (blocks above "
-                        "32 MiB are mapped per use: both sides then pay page faults at the large "
+                        "32 MiB (fp32 pipelines) are mapped per use: both sides then pay page faults at the large "
                         "VAE shapes); 'glibc' keeps the defaults (every block above 128 KiB-32 MiB "
                         "faults again)")
     p.add_argument("--quick", action="store_true",

@@ -163,7 +163,7 @@ def main() -> None:
     opts = parser.parse_args()
     if opts.side == "peer":
         return main_peer(opts)
-    setup_cpu(opts.threads, allocator=opts.allocator)
+    setup_cpu(opts.threads, allocator=opts.allocator, dtype=PRECISIONS[opts.precision])
     pipe = load(opts.model, PRECISIONS[opts.precision], opts.channels_last, opts.compile)
     memory = PeakMemory()
     if opts.size is None:

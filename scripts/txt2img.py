@@ -219,7 +219,7 @@ def run(args: argparse.Namespace) -> None:
     dtype = getattr(torch, PRECISIONS[args.precision])
     pipe = ldm.load_pipeline(ckpt, config=args.config, device=args.device, dtype=dtype)
     from ldm.runtime import prepare_pipeline, setup_cpu
-    setup_cpu()  # keep freed activations mapped between steps (glibc mallopt)
+    setup_cpu(dtype=dtype)  # keep freed activations mapped between steps (glibc mallopt)
     prepare_pipeline(pipe, compile=getattr(args, "compile", False))  # channels_last convolutions
     height = args.H or generate.default_image_size(pipe)
     width = args.W or generate.default_image_size(pipe)

@@ -29,6 +29,7 @@ def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def test_allocator_tuning_and_threads() -> None:
     assert isinstance(tune_allocator(), bool)
+    assert tune_allocator(dtype=torch.bfloat16) == tune_allocator()  # same mechanism, 8 MiB
     before = torch.get_num_threads()
     try:
         done = setup_cpu(threads=1, allocator=False)
