@@ -106,6 +106,17 @@ void pack_values(const Rows& v, const Shape& s, Pair* out) {
   }
 }
 
+// f.operator()<K>() for K = min(4, n) vectors: the micro-kernels' register-block widths.
+template <typename F>
+void with_vectors(int64_t n, F&& f) {
+  switch (std::min<int64_t>(4, n)) {
+    case 1: f.template operator()<1>(); break;
+    case 2: f.template operator()<2>(); break;
+    case 3: f.template operator()<3>(); break;
+    default: f.template operator()<4>(); break;
+  }
+}
+
 inline __mmask16 first_lanes(int64_t count) {  // lanes [0, count) of a vector, count >= 0
   return _cvtu32_mask16(count >= kLanes ? 0xFFFFu : (1u << count) - 1);
 }
@@ -149,12 +160,9 @@ void score_block(const Pair* q, int64_t dp, const Pair* k, float* s, int64_t cou
     const int64_t valid = std::min(kChunk, count - c);
     const Pair* kc = k + c * dp;
     float* sc = s + c;
-    switch ((valid + kLanes - 1) / kLanes) {
-      case 1: score_kernel<1>(q, dp, kc, sc, kBlockK, mul, valid, block_max); break;
-      case 2: score_kernel<2>(q, dp, kc, sc, kBlockK, mul, valid, block_max); break;
-      case 3: score_kernel<3>(q, dp, kc, sc, kBlockK, mul, valid, block_max); break;
-      default: score_kernel<4>(q, dp, kc, sc, kBlockK, mul, valid, block_max); break;
-    }
+    with_vectors((valid + kLanes - 1) / kLanes, [&]<int K>() {
+      score_kernel<K>(q, dp, kc, sc, kBlockK, mul, valid, block_max);
+    });
   }
 }
 
@@ -186,12 +194,9 @@ void output_update(const Pair* p, int64_t p_stride, const Pair* v, const Shape& 
   for (int64_t e0 = 0; e0 < dl; e0 += 4 * kLanes) {
     const Pair* ve = v + e0;
     float* oe = o + e0;
-    switch (std::min<int64_t>(4, (dl - e0) / kLanes)) {
-      case 1: output_kernel<1>(p, p_stride, ve, dl, pairs, corr, oe, dl); break;
-      case 2: output_kernel<2>(p, p_stride, ve, dl, pairs, corr, oe, dl); break;
-      case 3: output_kernel<3>(p, p_stride, ve, dl, pairs, corr, oe, dl); break;
-      default: output_kernel<4>(p, p_stride, ve, dl, pairs, corr, oe, dl); break;
-    }
+    with_vectors((dl - e0) / kLanes, [&]<int K>() {
+      output_kernel<K>(p, p_stride, ve, dl, pairs, corr, oe, dl);
+    });
   }
 }
 
