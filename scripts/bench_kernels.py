@@ -8,10 +8,17 @@ F.silu(F.group_norm(x))) per shape, dtype and memory format, with the fused forw
 beside a same-size copy_ (the machine's practical bandwidth); then the sampler update vs the
 eager sequence of ops it replaces; then the CPU bf16 attention kernel vs PyTorch's SDPA in bf16
 and fp32. Times are medians (or --stat min) of interleaved repeats.
+
+--cache hot (default) calls every op on the same input, so at the U-Net shapes (5-21 MB)
+input and output stay in the 32 MB L3 and copy_ runs at cache speed. --cache cold gives each
+call the next of a pool of inputs larger than the L3 (--cold-mib), so inputs come from memory
+and copy_ measures the memory bandwidth.
 """
 from __future__ import annotations
 
 import argparse
+import itertools
+import math
 import statistics
 import sys
 import time
@@ -63,6 +70,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "32 MiB (fp32 pipelines) are mapped per use: both sides then pay page faults at the large "
                         "VAE shapes); 'glibc' keeps the defaults (every block above 128 KiB-32 MiB "
                         "faults again)")
+    p.add_argument("--cache", choices=["hot", "cold"], default="hot",
+                   help="hot: every call reads the same input (cache-resident at the U-Net "
+                        "shapes); cold: calls rotate through distinct inputs totalling at least "
+                        "--cold-mib, so every input comes from memory")
+    p.add_argument("--cold-mib", type=int, default=256,
+                   help="--cache cold: total size of the rotated inputs (MiB; L3 here is 32)")
     p.add_argument("--quick", action="store_true",
                    help="one U-Net and one VAE shape, 5 repeats (a smoke run)")
     args = p.parse_args(argv)
@@ -114,18 +127,26 @@ class Timer:
         return {name: self.stat(s) for name, s in samples.items()}
 
 
+def rotate(fn: Callable[..., object], pool: list[tuple]) -> Callable[[], object]:
+    """A call of fn on the next argument tuple of the pool each time (one tuple: always it)."""
+    args = itertools.cycle(pool)
+    return lambda: fn(*next(args))
+
+
 def group_norm_row(timer: Timer, shape: tuple[int, ...], dtype: torch.dtype, fmt: str,
-                   device: str, backward: bool) -> dict[str, float]:
-    """Forward/backward times of fused vs eager GroupNorm+SiLU and a same-size copy_."""
+                   device: str, backward: bool, pool_size: int) -> dict[str, float]:
+    """Forward/backward times of fused vs eager GroupNorm+SiLU and a same-size copy_, each
+    call on the next of pool_size inputs."""
     groups = 32
     eps = 1e-5 if shape[0] == 2 else 1e-6  # U-Net vs VAE GroupNorm
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
-    if fmt == "channels_last":
-        x = x.to(memory_format=torch.channels_last)
+    memory_format = torch.channels_last if fmt == "channels_last" else torch.contiguous_format
+    xs = [torch.randn(shape, generator=gen).to(device=device, dtype=dtype,
+                                                memory_format=memory_format)
+          for _ in range(pool_size)]
     w = torch.randn(shape[1], generator=gen).to(device=device, dtype=dtype)
     b = torch.randn(shape[1], generator=gen).to(device=device, dtype=dtype)
-    out = torch.empty_like(x)
+    out = torch.empty_like(xs[0])
 
     def eager(x_, w_, b_):
         return F.silu(F.group_norm(x_, groups, w_, b_, eps))
@@ -133,21 +154,35 @@ def group_norm_row(timer: Timer, shape: tuple[int, ...], dtype: torch.dtype, fmt
     def fused(x_, w_, b_):
         return group_norm_silu(x_, groups, w_, b_, eps)
 
+    inputs = [(x, w, b) for x in xs]
     with torch.no_grad():
-        t = timer.compare({"fused": lambda: fused(x, w, b), "eager": lambda: eager(x, w, b),
-                           "copy": lambda: out.copy_(x)})
+        t = timer.compare({"fused": rotate(fused, inputs), "eager": rotate(eager, inputs),
+                           "copy": rotate(out.copy_, [(x,) for x in xs])})
     row = {"fwd_fused": t["fused"], "fwd_eager": t["eager"], "copy": t["copy"]}
     if backward:
-        xg, wg, bg = (v.detach().requires_grad_() for v in (x, w, b))
-        grad_y = torch.randn_like(x)
-        graphs = {name: fn(xg, wg, bg) for name, fn in (("fused", fused), ("eager", eager))}
+        wg, bg = w.detach().requires_grad_(), b.detach().requires_grad_()
+        cases = []  # (x, graph outputs, grad_y) per pool entry
+        for x in xs:
+            xg = x.detach().requires_grad_()
+            cases.append((xg, {"fused": fused(xg, wg, bg), "eager": eager(xg, wg, bg)},
+                          torch.randn_like(x)))
+        del xs, inputs
 
-        def grads(y):
-            return lambda: torch.autograd.grad(y, (xg, wg, bg), grad_y, retain_graph=True)
+        def grads(name: str) -> Callable[[], object]:
+            return rotate(lambda xg, ys, gy: torch.autograd.grad(ys[name], (xg, wg, bg), gy,
+                                                                 retain_graph=True), cases)
 
-        t = timer.compare({name: grads(y) for name, y in graphs.items()})
+        t = timer.compare({name: grads(name) for name in ("fused", "eager")})
         row.update(bwd_fused=t["fused"], bwd_eager=t["eager"])
     return row
+
+
+def pool_size(args: argparse.Namespace, shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    """Inputs to rotate through: 1 (hot), else enough to fill --cold-mib (at least 2)."""
+    if args.cache == "hot":
+        return 1
+    nbytes = torch.Size(shape).numel() * dtype.itemsize
+    return max(2, math.ceil(args.cold_mib * 2**20 / nbytes))
 
 
 def sampler_row(timer: Timer, shape: tuple[int, ...], device: str) -> dict[str, float]:
@@ -197,7 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     fused_on = args.device in fused_device_types("group_norm_silu")
     print(f"device={args.device} threads={torch.get_num_threads()} torch={torch.__version__} "
           f"fused_kernels={'yes' if fused_on else 'NO (reference path)'} repeats={args.repeats} "
-          f"stat={args.stat} allocator={allocator}")
+          f"stat={args.stat} allocator={allocator} cache={args.cache}"
+          + (f" (inputs rotated through >= {args.cold_mib} MiB)" if args.cache == "cold" else ""))
     timer = Timer(args.device, args.repeats, args.min_sample_ms / 1e3, args.stat)
     if args.shapes:
         print("\n| shape | dtype | format | fwd fused ms | fwd eager ms | fwd x | fused GB/s | "
@@ -208,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         for dname in args.dtypes:
             for fmt in args.formats:
                 r = group_norm_row(timer, shape, DTYPES[dname], fmt, args.device,
-                                   not args.no_backward)
+                                   not args.no_backward, pool_size(args, shape, DTYPES[dname]))
                 nbytes = 2 * torch.Size(shape).numel() * DTYPES[dname].itemsize  # read + write
                 fused_bw, copy_bw = gbps(nbytes, r["fwd_fused"]), gbps(nbytes, r["copy"])
                 bwd = (f"{r['bwd_fused'] * 1e3:.2f} | {r['bwd_eager'] * 1e3:.2f} | "

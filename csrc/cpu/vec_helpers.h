@@ -172,13 +172,22 @@ inline acc_t silu(acc_t z) {
   return silu_from_exp_neg(z, std::exp(-z), acc_t(1));
 }
 
-// Sum of the lanes in a fixed order (deterministic).
+// Sum of the lanes in a fixed order (deterministic): a pairwise tree, halves added to halves
+// (4 dependent adds instead of 15; it ends every NCHW channel of the backward's pass 1).
 inline float reduce_lanes(const Vec& v) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512 x = v;
+  const __m256 h8 = _mm256_add_ps(_mm512_castps512_ps256(x), _mm512_extractf32x8_ps(x, 1));
+  const __m128 h4 = _mm_add_ps(_mm256_castps256_ps128(h8), _mm256_extractf128_ps(h8, 1));
+  const __m128 h2 = _mm_add_ps(h4, _mm_movehl_ps(h4, h4));
+  return _mm_cvtss_f32(_mm_add_ss(h2, _mm_movehdup_ps(h2)));
+#else
   float buf[kLanes];
   v.store(buf);
   float total = 0.0f;
   for (int64_t i = 0; i < kLanes; ++i) total += buf[i];
   return total;
+#endif
 }
 
 }  // namespace ldm::cpu
