@@ -155,7 +155,10 @@ def group_norm_row(timer: Timer, shape: tuple[int, ...], dtype: torch.dtype, fmt
         return group_norm_silu(x_, groups, w_, b_, eps)
 
     inputs = [(x, w, b) for x in xs]
-    with torch.no_grad():
+    # Forward timed as inference runs it (ldm.generate): under no_grad instead, the Python
+    # autograd kernel that register_autograd installs adds about 10 us to every fused call
+    # (it checks the inputs and redispatches); eager's C++ autograd layer costs nothing there.
+    with torch.inference_mode():
         t = timer.compare({"fused": rotate(fused, inputs), "eager": rotate(eager, inputs),
                            "copy": rotate(out.copy_, [(x,) for x in xs])})
     row = {"fwd_fused": t["fused"], "fwd_eager": t["eager"], "copy": t["copy"]}
