@@ -124,56 +124,66 @@ Moments<acc_t> contiguous_moments(const T* x, int64_t n) {
   }
 }
 
-// Sums of values (kSquares = false) or of squared deviations from `center` over rows of a
-// channels_last tile, per channel: sums[c] += sum_r f(x[r, c]), rows in order. Blocks of
-// kBlock channel vectors are summed down the rows in registers (a read-add-write of sums per
-// row would make the loop store-bound).
-template <bool kSquares, typename T, typename acc_t = acc_type<T>>
-void tile_channel_sums(const T* x, int64_t rows, int64_t C, const acc_t* center, acc_t* sums) {
+// Per-channel moments over the rows of a channels_last tile in one memory pass: Welford's
+// update down the rows, every channel on its own vector lane (all lanes see the same count,
+// so 1 / count is one scalar per row). Blocks of kBlock channel vectors stay in registers
+// across the rows (a read-modify-write of per-channel arrays per row would be store-bound).
+// Writes mean[c] and m2[c] (sum of squared deviations) of each channel over `rows` values.
+template <typename T, typename acc_t = acc_type<T>>
+void tile_channel_moments(const T* x, int64_t rows, int64_t C, acc_t* mean, acc_t* m2) {
   int64_t c0 = 0;
   if constexpr (kHasVecPath<T>) {
     constexpr int kBlock = 8;
-    const auto block_sums = [&](int64_t c, auto width) {
+    const auto block_moments = [&](int64_t c, auto width) {
       constexpr int kWidth = decltype(width)::value;
-      Vec acc[kWidth], ctr[kWidth];
-      for (int k = 0; k < kWidth; ++k) {
-        acc[k] = Vec(0.0f);
-        if constexpr (kSquares) ctr[k] = Vec::loadu(center + c + k * kLanes);
-      }
+      Vec mu[kWidth], sq[kWidth];
+      for (int k = 0; k < kWidth; ++k) mu[k] = sq[k] = Vec(0.0f);
       for (int64_t r = 0; r < rows; ++r) {
         const T* row = x + r * C + c;
+        const Vec inv_count(1.0f / static_cast<float>(r + 1));
         for (int k = 0; k < kWidth; ++k) {
           const Vec v = load_lanes(row + k * kLanes);
-          if constexpr (kSquares) {
-            const Vec d = v - ctr[k];
-            acc[k] = at::vec::fmadd(d, d, acc[k]);
-          } else {
-            acc[k] = acc[k] + v;
-          }
+          const Vec delta = v - mu[k];
+          mu[k] = at::vec::fmadd(delta, inv_count, mu[k]);
+          sq[k] = at::vec::fmadd(delta, v - mu[k], sq[k]);
         }
       }
       for (int k = 0; k < kWidth; ++k) {
-        (Vec::loadu(sums + c + k * kLanes) + acc[k]).store(sums + c + k * kLanes);
+        mu[k].store(mean + c + k * kLanes);
+        sq[k].store(m2 + c + k * kLanes);
       }
     };
     for (; c0 + kBlock * kLanes <= C; c0 += kBlock * kLanes) {
-      block_sums(c0, std::integral_constant<int, kBlock>{});
+      block_moments(c0, std::integral_constant<int, kBlock>{});
     }
-    // The remainder in blocks of 4, 2, 1 vectors: a lone accumulator per row is a chain of
-    // dependent adds (at C = 320 the last 64 channels took as long as the first 256).
-    if (c0 + 4 * kLanes <= C) block_sums(c0, std::integral_constant<int, 4>{}), c0 += 4 * kLanes;
-    if (c0 + 2 * kLanes <= C) block_sums(c0, std::integral_constant<int, 2>{}), c0 += 2 * kLanes;
-    if (c0 + kLanes <= C) block_sums(c0, std::integral_constant<int, 1>{}), c0 += kLanes;
+    // The remainder in blocks of 4, 2, 1 vectors: a lone vector per row is one dependent
+    // chain (at C = 320 the last 64 channels would take as long as the first 256).
+    if (c0 + 4 * kLanes <= C) block_moments(c0, std::integral_constant<int, 4>{}), c0 += 4 * kLanes;
+    if (c0 + 2 * kLanes <= C) block_moments(c0, std::integral_constant<int, 2>{}), c0 += 2 * kLanes;
+    if (c0 + kLanes <= C) block_moments(c0, std::integral_constant<int, 1>{}), c0 += kLanes;
   }
   for (int64_t c = c0; c < C; ++c) {
-    acc_t total = 0;
-    for (int64_t r = 0; r < rows; ++r) {
-      acc_t v = static_cast<acc_t>(x[r * C + c]);
-      if constexpr (kSquares) v = (v - center[c]) * (v - center[c]);
-      total += v;
-    }
-    sums[c] += total;
+    Moments<acc_t> m{0, 0, 0};
+    for (int64_t r = 0; r < rows; ++r) m = welford_add(m, static_cast<acc_t>(x[r * C + c]));
+    mean[c] = m.mean;
+    m2[c] = m.m2;
   }
+}
+
+// Moments of the values of channels [c, c + D), each with `count` values and moments
+// (mean[c], m2[c]): Chan's merge of equal-count parts, M2 = sum M2_c + count sum (mean_c - mean)^2.
+template <typename acc_t>
+Moments<acc_t> merge_channel_moments(const acc_t* mean, const acc_t* m2, int64_t D, acc_t count) {
+  acc_t sum = 0;
+  for (int64_t c = 0; c < D; ++c) sum += mean[c];
+  const acc_t group_mean = sum / static_cast<acc_t>(D);
+  acc_t within = 0, between = 0;
+  for (int64_t c = 0; c < D; ++c) {
+    const acc_t d = mean[c] - group_mean;
+    within += m2[c];
+    between += d * d;
+  }
+  return Moments<acc_t>{count * static_cast<acc_t>(D), group_mean, within + count * between};
 }
 
 // y = [silu](x * scale + shift) over n values.

@@ -4,8 +4,8 @@
 // the normalisation while the slab is still in cache (2 memory passes). When N * groups is
 // below the thread count, slabs are split into fixed-size chunks whose partial moments are
 // merged in a fixed order (deterministic for any thread count).
-// channels_last: tiles of rows give per-group partial moments, merged in order; then each
-// row is normalised with per-channel scale/shift vectors.
+// channels_last: tiles of rows give per-channel Welford moments, merged per group and then
+// across tiles in order; then each row is normalised with per-channel scale/shift vectors.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -19,9 +19,9 @@ namespace ldm::cpu {
 namespace {
 
 constexpr int64_t kSplitChunk = 1 << 16;  // values per partial when slabs are split
-// Values per channels_last statistics tile: L2-sized, so the tile's second (squared
-// deviation) pass reads from L2 and the per-tile group bookkeeping (O(C)) stays small
-// beside the tile's rows.
+// Values per channels_last statistics tile: enough rows that the per-tile group bookkeeping
+// (O(C)) stays small beside the tile's Welford pass, few enough tiles per image to balance
+// the threads.
 constexpr int64_t kTileValues = 1 << 16;
 
 // Raw pointers and sizes of one forward call.
@@ -110,26 +110,14 @@ void forward_channels_last(const ForwardArgs<T, acc_t>& a) {
   const int64_t tiles = (HW + rows_per_tile - 1) / rows_per_tile;
   std::vector<Moments<acc_t>> partial(N * tiles * G);
   at::parallel_for(0, N * tiles, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> sums(C), center(C);
+    std::vector<acc_t> mean(C), m2(C);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t n = item / tiles, r0 = (item % tiles) * rows_per_tile;
       const int64_t rows = std::min(rows_per_tile, HW - r0);
-      const T* tile = a.x + (n * HW + r0) * C;
-      // Exact two-pass moments of the tile: group means first, then squared deviations.
-      std::fill(sums.begin(), sums.end(), acc_t(0));
-      tile_channel_sums<false>(tile, rows, C, center.data(), sums.data());
-      const acc_t count = static_cast<acc_t>(rows * D);
+      tile_channel_moments(a.x + (n * HW + r0) * C, rows, C, mean.data(), m2.data());
       for (int64_t g = 0; g < G; ++g) {
-        acc_t s = 0;
-        for (int64_t c = g * D; c < (g + 1) * D; ++c) s += sums[c];
-        std::fill(center.begin() + g * D, center.begin() + (g + 1) * D, s / count);
-      }
-      std::fill(sums.begin(), sums.end(), acc_t(0));
-      tile_channel_sums<true>(tile, rows, C, center.data(), sums.data());
-      for (int64_t g = 0; g < G; ++g) {
-        acc_t m2 = 0;
-        for (int64_t c = g * D; c < (g + 1) * D; ++c) m2 += sums[c];
-        partial[item * G + g] = Moments<acc_t>{count, center[g * D], m2};
+        partial[item * G + g] = merge_channel_moments(mean.data() + g * D, m2.data() + g * D, D,
+                                                      static_cast<acc_t>(rows));
       }
     }
   });
