@@ -190,8 +190,9 @@ def test_silu_saturates_at_extreme_pre_activations(dtype: torch.dtype):
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_bf16_output_rounds_like_the_reference(channels_last: bool):
     # bf16 outputs use a cheaper exp (2.6e-6 relative before rounding, a tiny fraction of
-    # bf16's rounding step): almost every element must round to the reference's bf16 value
-    # (measured: 0.01-0.08% differ).
+    # bf16's rounding step) and an exact division: almost every element must round to the
+    # reference's bf16 value (measured: 0.01-0.08% differ; a reciprocal estimate without a
+    # Newton step made it 0.3%).
     torch.manual_seed(0)
     x = torch.randn(2, 64, 16, 16).to(torch.bfloat16)
     if channels_last:
@@ -199,5 +200,5 @@ def test_bf16_output_rounds_like_the_reference(channels_last: bool):
     w, b = torch.randn(64), torch.randn(64)
     y = group_norm_silu(x, 32, w, b).float()
     ref = group_norm_silu_reference(x, 32, w, b).float()
-    assert (y != ref).float().mean().item() < 0.01
+    assert (y != ref).float().mean().item() < 0.002
     torch.testing.assert_close(y, ref, **TOL[torch.bfloat16])
