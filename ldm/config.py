@@ -1,5 +1,7 @@
 """Typed configuration: dataclasses are the truth, YAML mirrors them, unknown keys are errors.
 
+YAML is read by `parse_yaml`, which also refuses a key repeated within one mapping.
+
 `from_dict(cls, data)` builds a (nested) dataclass strictly; `to_dict` is its inverse (it is
 what gets stored inside every checkpoint); `apply_overrides` takes `a.b=value` strings from
 the command line. SD's original inference YAMLs are translated in `ldm.checkpoint`/`sd_yaml`.
@@ -158,13 +160,43 @@ def to_dict(config: Any) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error.
+
+    Plain PyYAML keeps the last value of a repeated key, so a stale or pasted line would
+    silently replace a whole section of a config.
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<:` merges may be overridden
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                repeated = key in seen
+            except TypeError:  # unhashable key: the base class reports it
+                break
+            if repeated:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (line {key_node.start_mark.line + 1})",
+                    key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def parse_yaml(text: str) -> Any:
+    """Safe-load YAML text; raises yaml.YAMLError on a syntax error or a repeated key."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)
+
+
 def load_yaml(cls: type[T], path: str | Path, overrides: list[str] | None = None) -> T:
     """Read a YAML mirror of `cls`, apply `a.b=value` overrides, validate strictly."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = parse_yaml(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
     if not isinstance(data, dict):
@@ -187,5 +219,5 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {part} is not a mapping")
-        node[parts[-1]] = yaml.safe_load(raw)
+        node[parts[-1]] = parse_yaml(raw)
     return data

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from ldm import checkpoint as ckpt
-from ldm.config import ConfigError, ModelConfig, load_yaml
+from ldm.config import ConfigError, ModelConfig, load_yaml, parse_yaml
 from ldm.errors import CheckpointError, LdmError
 
 
@@ -31,7 +31,7 @@ def resolve_config(config: ModelConfig | str | Path | None,
             raise ConfigError(f"config not found: {config} (a YAML file or one of {sorted(PRESETS)})")
         import yaml
         try:
-            data = yaml.safe_load(path.read_text())
+            data = parse_yaml(path.read_text())
         except (yaml.YAMLError, UnicodeDecodeError, OSError) as err:
             raise ConfigError(f"{path}: not a readable YAML file ({str(err).splitlines()[0]})") from None
         if is_sd_yaml(data):

@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 
 from ldm.config import (AutoencoderConfig, ConfigError, DiffusionConfig, ModelConfig,
-                        TextEncoderConfig, UNetConfig)
+                        TextEncoderConfig, UNetConfig, parse_yaml)
 
 # SD's make_beta_schedule names -> ours. SD's "linear" is linear in sqrt(beta).
 _BETA_SCHEDULES = {"linear": "scaled_linear", "sqrt_linear": "linear", "cosine": "cosine"}
@@ -42,7 +42,7 @@ def load_sd_yaml(path: str | Path) -> ModelConfig:
     """Read an SD inference YAML file; relative text-encoder configs resolve next to it."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = parse_yaml(path.read_text())
     except (OSError, yaml.YAMLError) as err:
         raise ConfigError(f"cannot read {path}: {str(err).splitlines()[0]}") from None
     if not is_sd_yaml(data):

@@ -1,6 +1,7 @@
 """Checkpoint layout: write/read, config in metadata, strict loading, errors, EMA, stage-1 files."""
 import os
 import pickle
+from pathlib import Path
 
 import pytest
 import torch
@@ -170,6 +171,27 @@ def test_unknown_config_key_one_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="unknown key.*model_channel") as err:
         Pipeline.from_config(bad)
     assert isinstance(err.value, LdmError) and "\n" not in str(err.value)
+
+
+def test_repeated_config_key_one_clear_error(tmp_path):
+    # PyYAML keeps the last of two equal keys; a stale pasted line must not silently replace
+    # a whole section.
+    from ldm.config import ConfigError
+    bad = tmp_path / "dup.yaml"
+    bad.write_text("unet:\n  model_channels: 32\nunet:\n  model_channels: 64\n")
+    with pytest.raises(ConfigError, match=r"duplicate key 'unet' \(line 3\)") as err:
+        Pipeline.from_config(bad)
+    assert "\n" not in str(err.value)
+
+
+def test_strict_yaml_keeps_merge_keys_and_reads_every_shipped_config():
+    from ldm.config import parse_yaml
+    merged = parse_yaml("base: &b {a: 1, b: 2}\nderived:\n  <<: *b\n  b: 3\n")
+    assert merged["derived"] == {"a": 1, "b": 3}
+    configs = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+    assert len(configs) >= 5
+    for path in configs:
+        assert isinstance(parse_yaml(path.read_text()), dict), path
 
 
 def test_write_checkpoint_rejects_non_string_metadata(tmp_path):

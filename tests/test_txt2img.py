@@ -153,6 +153,7 @@ BAD_INPUTS = [
     (["--from-png", "NOTPNG"], "cannot read"),
     (["--ckpt", "MISSING"], "no such file"),
     (["--config", str(ROOT / "configs" / "sd1.yaml")], ""),
+    (["--config", "DUPKEY"], "duplicate key 'model' (line 3)"),
     (["--precision", "fp16", "--device", "cpu"], "fp16"),
     (["--prompt", ""], "non-empty"),
     (["--n_samples", 0], "n_samples"),
@@ -169,8 +170,10 @@ def test_script_bad_input_exits_2_without_files(tiny, tmp_path, capsys, extra, m
     _, ckpt = tiny
     (tmp_path / "EMPTY").write_text("\n  \n")
     (tmp_path / "NOTPNG").write_text("not an image")
+    (tmp_path / "dup.yaml").write_text("model:\n  unet: {}\nmodel:\n  unet: {}\n")
     extra = [{"EMPTY": tmp_path / "EMPTY", "NOTPNG": tmp_path / "NOTPNG",
-              "MISSING": tmp_path / "missing.safetensors"}.get(str(e), e) for e in extra]
+              "MISSING": tmp_path / "missing.safetensors",
+              "DUPKEY": tmp_path / "dup.yaml"}.get(str(e), e) for e in extra]
     out = tmp_path / "out"
     argv = ["--prompt", "a red circle", "--steps", 2, "--ckpt", ckpt, "--outdir", out, *extra]
     assert script.main([str(a) for a in argv]) == 2
