@@ -186,9 +186,12 @@ Moments<acc_t> merge_channel_moments(const acc_t* mean, const acc_t* m2, int64_t
   return Moments<acc_t>{count * static_cast<acc_t>(D), group_mean, within + count * between};
 }
 
-// y = [silu](x * scale + shift) over n values.
+// y = [silu](x * scale + shift) over n values. With kSilu, scale and shift arrive multiplied
+// by kNegLog2e (channel_affine does it), so the affine yields the exp's argument directly
+// (silu_lanes_from_exponent).
 template <bool kSilu, typename T, typename P, typename acc_t = acc_type<T>>
 void apply_run(const T* x, T* y, int64_t n, const P& scale, const P& shift) {
+  constexpr bool kNarrow = std::is_same_v<T, c10::BFloat16>;
   int64_t i = 0;
   if constexpr (kHasVecPath<T>) {
     // Four vectors per iteration: the SiLU is one long dependency chain per vector, and
@@ -200,18 +203,18 @@ void apply_run(const T* x, T* y, int64_t n, const P& scale, const P& shift) {
         const int64_t j = i + k * kLanes;
         z[k] = at::vec::fmadd(load_lanes(x + j), scale.vec(j), shift.vec(j));
       }
-      if constexpr (kSilu) silu_lanes<kUnroll, std::is_same_v<T, c10::BFloat16>>(z);
+      if constexpr (kSilu) silu_lanes_from_exponent<kUnroll, kNarrow>(z);
       for (int k = 0; k < kUnroll; ++k) store_lanes(y + i + k * kLanes, z[k]);
     }
     for (; i + kLanes <= n; i += kLanes) {
-      Vec z = at::vec::fmadd(load_lanes(x + i), scale.vec(i), shift.vec(i));
-      if constexpr (kSilu) z = silu(z);
-      store_lanes(y + i, z);
+      Vec z[1] = {at::vec::fmadd(load_lanes(x + i), scale.vec(i), shift.vec(i))};
+      if constexpr (kSilu) silu_lanes_from_exponent<1, kNarrow>(z);
+      store_lanes(y + i, z[0]);
     }
   }
   for (; i < n; ++i) {
     acc_t z = static_cast<acc_t>(x[i]) * scale.at(i) + shift.at(i);
-    if constexpr (kSilu) z = silu(z);
+    if constexpr (kSilu) z = silu_from_exponent(z);
     y[i] = static_cast<T>(z);
   }
 }

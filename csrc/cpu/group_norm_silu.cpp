@@ -37,12 +37,15 @@ struct ForwardArgs {
   acc_t eps;
 };
 
-// Per-channel scale/shift of channel c in group ng so that y = x * scale + shift.
-template <typename acc_t>
+// Per-channel scale/shift of channel c in group ng so that y = x * scale + shift; with kSilu
+// both are multiplied by kNegLog2e, as apply_run takes them.
+template <bool kSilu, typename acc_t>
 inline void channel_affine(const acc_t* w, const acc_t* b, int64_t c, acc_t mean, acc_t rstd,
                            acc_t& scale, acc_t& shift) {
+  const acc_t unit = kSilu ? static_cast<acc_t>(kNegLog2e) : acc_t(1);
   scale = rstd * (w ? w[c] : acc_t(1));
-  shift = (b ? b[c] : acc_t(0)) - mean * scale;
+  shift = ((b ? b[c] : acc_t(0)) - mean * scale) * unit;
+  scale *= unit;
 }
 
 // Applies group ng to slab values [begin, end) (which may cross channel boundaries).
@@ -55,7 +58,7 @@ void apply_slab_range(const ForwardArgs<T, acc_t>& a, int64_t ng, int64_t begin,
     const int64_t c = g * D + i / HW;
     const int64_t stop = std::min(end, (i / HW + 1) * HW);
     acc_t scale, shift;
-    channel_affine(a.weight, a.bias, c, a.mean[ng], a.rstd[ng], scale, shift);
+    channel_affine<kSilu>(a.weight, a.bias, c, a.mean[ng], a.rstd[ng], scale, shift);
     apply_run<kSilu>(a.x + base + i, a.y + base + i, stop - i, Uniform<acc_t>{scale},
                      Uniform<acc_t>{shift});
     i = stop;
@@ -130,7 +133,7 @@ void forward_channels_last(const ForwardArgs<T, acc_t>& a) {
       a.mean[ng] = m.mean;
       a.rstd[ng] = rstd_from_moments(m, a.eps);
       for (int64_t c = g * D; c < (g + 1) * D; ++c) {
-        channel_affine(a.weight, a.bias, c, a.mean[ng], a.rstd[ng], scale[n * C + c],
+        channel_affine<kSilu>(a.weight, a.bias, c, a.mean[ng], a.rstd[ng], scale[n * C + c],
                        shift[n * C + c]);
       }
     }
