@@ -128,9 +128,10 @@ inline Vec exp_neg_clamped(const Vec& z) {
 // The sigmoid and SiLU divide by 1 + exp(-z) with a full-width division. On Zen 4 the 512-bit
 // divide runs in its own unit (about one per 9 cycles) beside the FMA pipes, which the exp
 // already keeps busy; a reciprocal estimate, its Newton step and the multiply by z would add
-// 4 FMA-pipe slots to the 9 of the affine and the exp. Measured A/B in the forward kernel:
-// fp32 7-19% faster, bf16 the same. The result is also correctly rounded. The exp is capped below ln(FLT_MAX), so
-// 1 + exp(-z) stays finite and the quotient goes to 0 for z < -88 (never inf / inf = NaN).
+// 4 FMA-pipe slots to the 8-9 of the affine and the exp. Measured A/B in the forward kernel:
+// fp32 7-19% faster, bf16 the same. The result is also correctly rounded. The exp is capped
+// below ln(FLT_MAX), so 1 + exp(-z) stays finite and the quotient goes to 0 for z < -88
+// (never inf / inf = NaN).
 
 // 1 / (1 + exp(-z)).
 inline Vec sigmoid(const Vec& z) {
@@ -142,32 +143,19 @@ inline acc_t sigmoid(acc_t z) {
   return acc_t(1) / (acc_t(1) + std::exp(-z));
 }
 
-// silu(z) = z / (1 + exp(-z)).
-inline Vec silu(const Vec& z) {
-  return z / (Vec(1.0f) + exp_neg_clamped(z));
-}
-
-// silu of K vectors in place, step by step across the vectors so that their independent
-// dependency chains interleave in the instruction stream.
-// kNarrow: the results will be rounded to bf16, so the exp may be 2.6e-6 relative instead of
-// 7.5e-8 (0.07% of bf16's rounding step; one FMA fewer).
-template <int K, bool kNarrow = false>
-inline void silu_lanes(Vec (&z)[K]) {
-  Vec e[K];
-  for (int k = 0; k < K; ++k) e[k] = exp_neg_clamped<kNarrow>(z[k]);
-  for (int k = 0; k < K; ++k) z[k] = z[k] / (Vec(1.0f) + e[k]);
-}
-
 template <typename acc_t>
 inline acc_t silu(acc_t z) {
   return silu_from_exp_neg(z, std::exp(-z), acc_t(1));
 }
 
 // silu(z) of K vectors in place, given t = z * kNegLog2e (the affine before the SiLU folds the
-// constant into its scale and shift, saving the multiply): z / (1 + 2^t) = t / (c + c 2^t)
-// with c = kNegLog2e, and c 2^t comes from exp2_poly with c folded into its coefficients.
-// One FMA-pipe slot fewer than silu_lanes (8 instead of 9; 11.5 vs 12.3 cycles per 16 values
-// in isolation). 2^t is capped at 2^126 as in exp_neg_clamped.
+// constant into its scale and shift, saving a multiply): z / (1 + 2^t) = t / (c + c 2^t) with
+// c = kNegLog2e, and c 2^t comes from exp2_poly with c folded into its coefficients: 8
+// FMA-pipe slots per vector instead of 9 (11.5 vs 12.3 cycles per 16 values in isolation).
+// 2^t is capped at 2^126 as in exp_neg_clamped. Step by step across the K vectors, so their
+// independent dependency chains interleave in the instruction stream.
+// kNarrow: the results will be rounded to bf16, so the exp may be 2.6e-6 relative instead of
+// 7.5e-8 (0.07% of bf16's rounding step; one FMA fewer).
 template <int K, bool kNarrow = false>
 inline void silu_lanes_from_exponent(Vec (&t)[K]) {
 #if defined(CPU_CAPABILITY_AVX512)
@@ -177,8 +165,10 @@ inline void silu_lanes_from_exponent(Vec (&t)[K]) {
   }
   for (int k = 0; k < K; ++k) t[k] = t[k] / (Vec(kNegLog2e) + ce[k]);
 #else
-  for (int k = 0; k < K; ++k) t[k] = t[k] * Vec(1.0f / kNegLog2e);
-  silu_lanes<K, kNarrow>(t);
+  for (int k = 0; k < K; ++k) {
+    const Vec z = t[k] * Vec(1.0f / kNegLog2e);
+    t[k] = z / (Vec(1.0f) + exp_neg_clamped<kNarrow>(z));
+  }
 #endif
 }
 
