@@ -95,7 +95,8 @@ void backward_contiguous(const BackwardArgs<T, acc_t>& a) {
         for (int64_t c = g * D; c < (g + 1) * D; ++c) {
           const int64_t offset = (n * C + c) * HW;
           backward_apply_stored_run(dz.data() + (c - g * D) * HW, a.x + offset, a.dx + offset, HW,
-                                    a.mean[ng], a.rstd[ng] * a.w(c), k.k2, k.k3);
+                                    Uniform<acc_t>{a.mean[ng]}, Uniform<acc_t>{a.rstd[ng] * a.w(c)},
+                                    Uniform<acc_t>{k.k2}, Uniform<acc_t>{k.k3});
         }
       }
     });
@@ -130,6 +131,10 @@ void backward_channels_last(const BackwardArgs<T, acc_t>& a) {
   const int64_t rows_per_tile = std::max<int64_t>(1, kTileValues / C);
   const int64_t tiles = (HW + rows_per_tile - 1) / rows_per_tile;
   std::vector<acc_t> partial(N * tiles * 2 * C, acc_t(0));  // [N, tiles, {dsx, db}, C]
+  // When dx has dz's type (fp32, fp64), pass 1 stores dz in dx and pass 2 turns it into dx in
+  // place, so the SiLU derivative is evaluated once; bf16/fp16 dx could not hold dz exactly.
+  acc_t* dz_in_dx = nullptr;
+  if constexpr (std::is_same_v<T, acc_t>) dz_in_dx = a.dx;
   at::parallel_for(0, N * tiles, 1, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t n = item / tiles, r0 = (item % tiles) * rows_per_tile;
@@ -138,7 +143,8 @@ void backward_channels_last(const BackwardArgs<T, acc_t>& a) {
         const int64_t offset = (n * HW + r) * C;
         backward_sums_run<kSilu>(a.dy + offset, a.x + offset, C, PerChannel<acc_t>{&center[n * C]},
                                  PerChannel<acc_t>{&scale[n * C]},
-                                 PerChannel<acc_t>{&shift[n * C]}, dsx, db);
+                                 PerChannel<acc_t>{&shift[n * C]}, dsx, db,
+                                 dz_in_dx ? dz_in_dx + offset : nullptr);
       }
     }
   });
@@ -166,6 +172,12 @@ void backward_channels_last(const BackwardArgs<T, acc_t>& a) {
   at::parallel_for(0, N * HW, std::max<int64_t>(1, 4096 / C), [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t n = row / HW, offset = row * C;
+      if (dz_in_dx) {
+        backward_apply_stored_run(dz_in_dx + offset, a.x + offset, a.dx + offset, C,
+                                  PerChannel<acc_t>{&center[n * C]}, PerChannel<acc_t>{&scale[n * C]},
+                                  PerChannel<acc_t>{&k2[n * C]}, PerChannel<acc_t>{&k3[n * C]});
+        continue;
+      }
       backward_apply_run<kSilu>(a.dy + offset, a.x + offset, a.dx + offset, C,
                                 PerChannel<acc_t>{&center[n * C]}, PerChannel<acc_t>{&scale[n * C]},
                                 PerChannel<acc_t>{&shift[n * C]}, PerChannel<acc_t>{&scale[n * C]},
