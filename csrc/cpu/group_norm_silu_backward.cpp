@@ -2,8 +2,10 @@
 //
 // Pass 1 gives per-(n, channel) sums dsx = sum(dz (x - mean)) and db = sum(dz); pass 2
 // writes dx = k1 dz + k2 (x - mean) + k3 (coefficients from csrc/math.h). For NCHW with
-// enough slabs both passes run per (n, group) while its slab is in cache. Every reduction
-// has a fixed order, so results are bitwise reproducible.
+// enough slabs both passes run per (n, group) while its slab is in cache. Pass 1 keeps dz
+// for pass 2 (in dx itself for fp32/fp64, in a per-slab buffer for bf16/fp16 NCHW), except
+// for bf16/fp16 channels_last, whose pass 2 evaluates the SiLU derivative again. Every
+// reduction has a fixed order, so results are bitwise reproducible.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -77,24 +79,34 @@ void channel_apply(const BackwardArgs<T, acc_t>& a, int64_t n, int64_t c,
                             Uniform<acc_t>{k.k2}, Uniform<acc_t>{k.k3});
 }
 
+// dx as storage for dz when dx has dz's type (fp32, fp64), else nullptr: pass 1 stores dz there
+// and pass 2 turns it into dx in place, so the SiLU derivative is evaluated once and no other
+// buffer joins x, dy and dx in the cache. A bf16/fp16 dx could not hold dz exactly.
+template <typename T, typename acc_t>
+acc_t* dz_storage_in_dx(const BackwardArgs<T, acc_t>& a) {
+  if constexpr (std::is_same_v<T, acc_t>) return a.dx;
+  return nullptr;
+}
+
 template <bool kSilu, typename T, typename acc_t>
 void backward_contiguous(const BackwardArgs<T, acc_t>& a) {
-  const int64_t N = a.s.N, C = a.s.C, G = a.s.G, D = a.s.channels_per_group();
+  const int64_t N = a.s.N, C = a.s.C, G = a.s.G, D = a.s.channels_per_group(), HW = a.s.HW;
+  acc_t* const dz_in_dx = dz_storage_in_dx(a);
   if (a.dx && N * G >= at::get_num_threads()) {
-    // Both passes per (n, group) slab while it is in cache; pass 1 keeps dz in a per-thread
-    // fp32 buffer so pass 2 does not evaluate the SiLU derivative again.
-    const int64_t HW = a.s.HW;
+    // Both passes per (n, group) slab while it is in cache; pass 1 keeps dz (in dx, or in a
+    // per-thread fp32 buffer) so pass 2 does not evaluate the SiLU derivative again.
     at::parallel_for(0, N * G, 1, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> dz(D * HW);
+      std::vector<acc_t> buffer(dz_in_dx ? 0 : D * HW);
       for (int64_t ng = begin; ng < end; ++ng) {
         const int64_t n = ng / G, g = ng % G;
+        acc_t* const dz = dz_in_dx ? dz_in_dx + ng * D * HW : buffer.data();
         for (int64_t c = g * D; c < (g + 1) * D; ++c) {
-          channel_sums<kSilu>(a, n, c, dz.data() + (c - g * D) * HW);
+          channel_sums<kSilu>(a, n, c, dz + (c - g * D) * HW);
         }
         const BackwardGroupCoeffs<acc_t> k = a.group_coeffs(n, g);
         for (int64_t c = g * D; c < (g + 1) * D; ++c) {
           const int64_t offset = (n * C + c) * HW;
-          backward_apply_stored_run(dz.data() + (c - g * D) * HW, a.x + offset, a.dx + offset, HW,
+          backward_apply_stored_run(dz + (c - g * D) * HW, a.x + offset, a.dx + offset, HW,
                                     Uniform<acc_t>{a.mean[ng]}, Uniform<acc_t>{a.rstd[ng] * a.w(c)},
                                     Uniform<acc_t>{k.k2}, Uniform<acc_t>{k.k3});
         }
@@ -103,13 +115,23 @@ void backward_contiguous(const BackwardArgs<T, acc_t>& a) {
     return;
   }
   at::parallel_for(0, N * C, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t nc = begin; nc < end; ++nc) channel_sums<kSilu>(a, nc / C, nc % C);
+    for (int64_t nc = begin; nc < end; ++nc) {
+      channel_sums<kSilu>(a, nc / C, nc % C, dz_in_dx ? dz_in_dx + nc * HW : nullptr);
+    }
   });
   if (!a.dx) return;
   at::parallel_for(0, N * C, 1, [&](int64_t begin, int64_t end) {
     for (int64_t nc = begin; nc < end; ++nc) {
       const int64_t n = nc / C, c = nc % C;
-      channel_apply<kSilu>(a, n, c, a.group_coeffs(n, c / D));
+      const BackwardGroupCoeffs<acc_t> k = a.group_coeffs(n, c / D);
+      if (dz_in_dx) {
+        const int64_t ng = n * G + c / D;
+        backward_apply_stored_run(dz_in_dx + nc * HW, a.x + nc * HW, a.dx + nc * HW, HW,
+                                  Uniform<acc_t>{a.mean[ng]}, Uniform<acc_t>{a.rstd[ng] * a.w(c)},
+                                  Uniform<acc_t>{k.k2}, Uniform<acc_t>{k.k3});
+      } else {
+        channel_apply<kSilu>(a, n, c, k);
+      }
     }
   });
 }
@@ -131,10 +153,7 @@ void backward_channels_last(const BackwardArgs<T, acc_t>& a) {
   const int64_t rows_per_tile = std::max<int64_t>(1, kTileValues / C);
   const int64_t tiles = (HW + rows_per_tile - 1) / rows_per_tile;
   std::vector<acc_t> partial(N * tiles * 2 * C, acc_t(0));  // [N, tiles, {dsx, db}, C]
-  // When dx has dz's type (fp32, fp64), pass 1 stores dz in dx and pass 2 turns it into dx in
-  // place, so the SiLU derivative is evaluated once; bf16/fp16 dx could not hold dz exactly.
-  acc_t* dz_in_dx = nullptr;
-  if constexpr (std::is_same_v<T, acc_t>) dz_in_dx = a.dx;
+  acc_t* const dz_in_dx = dz_storage_in_dx(a);  // see there
   at::parallel_for(0, N * tiles, 1, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t n = item / tiles, r0 = (item % tiles) * rows_per_tile;
