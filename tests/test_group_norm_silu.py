@@ -202,3 +202,16 @@ def test_bf16_output_rounds_like_the_reference(channels_last: bool):
     ref = group_norm_silu_reference(x, 32, w, b).float()
     assert (y != ref).float().mean().item() < 0.002
     torch.testing.assert_close(y, ref, **TOL[torch.bfloat16])
+
+
+def test_bf16_channels_last_backward_beyond_the_dz_buffer():
+    # bf16 channels_last keeps dz in an fp32 buffer of at most 8 MiB (the small shapes above);
+    # beyond it pass 2 evaluates the SiLU derivative again. 2.4M values (9.4 MB of fp32 dz)
+    # take that path.
+    x, w, b = make_inputs((1, 64, 192, 192), torch.bfloat16, "channels_last")
+    grad_y = torch.randn(x.shape, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
+    got = grads(group_norm_silu(x, 32, w, b), (x, w, b), grad_y)
+    want = grads(group_norm_silu_reference(x, 32, w, b), (x, w, b), grad_y)
+    assert got[0].stride() == x.stride()
+    for g, r in zip(got, want):
+        torch.testing.assert_close(g, r, **GRAD_TOL[torch.bfloat16])
