@@ -72,17 +72,22 @@ void channel_sums(const BackwardArgs<T, acc_t>& a, int64_t n, int64_t c,
   a.db[n * a.s.C + c] = db.total();
 }
 
-// NCHW pass 2 for channel (n, c) given its group's coefficients.
+// NCHW pass 2 for channel (n, c) given its group's coefficients: from dz when pass 1 kept it
+// (dz may be the channel's own dx), else evaluating the SiLU derivative again.
 template <bool kSilu, typename T, typename acc_t>
 void channel_apply(const BackwardArgs<T, acc_t>& a, int64_t n, int64_t c,
-                   const BackwardGroupCoeffs<acc_t>& k) {
+                   const BackwardGroupCoeffs<acc_t>& k, const acc_t* dz = nullptr) {
   const int64_t ng = n * a.s.G + c / a.s.channels_per_group();
   const int64_t offset = (n * a.s.C + c) * a.s.HW;
-  const acc_t scale = a.rstd[ng] * a.w(c);
-  backward_apply_run<kSilu>(a.dy + offset, a.x + offset, a.dx + offset, a.s.HW,
-                            Uniform<acc_t>{a.mean[ng]}, Uniform<acc_t>{scale},
-                            Uniform<acc_t>{a.b(c)}, Uniform<acc_t>{scale},
-                            Uniform<acc_t>{k.k2}, Uniform<acc_t>{k.k3});
+  const Uniform<acc_t> center{a.mean[ng]}, scale{a.rstd[ng] * a.w(c)};
+  if (dz) {
+    backward_apply_stored_run(dz, a.x + offset, a.dx + offset, a.s.HW, center, scale,
+                              Uniform<acc_t>{k.k2}, Uniform<acc_t>{k.k3});
+    return;
+  }
+  backward_apply_run<kSilu>(a.dy + offset, a.x + offset, a.dx + offset, a.s.HW, center, scale,
+                            Uniform<acc_t>{a.b(c)}, scale, Uniform<acc_t>{k.k2},
+                            Uniform<acc_t>{k.k3});
 }
 
 // dx as storage for dz when dx has dz's type (fp32, fp64), else nullptr: pass 1 stores dz there
@@ -111,10 +116,7 @@ void backward_contiguous(const BackwardArgs<T, acc_t>& a) {
         }
         const BackwardGroupCoeffs<acc_t> k = a.group_coeffs(n, g);
         for (int64_t c = g * D; c < (g + 1) * D; ++c) {
-          const int64_t offset = (n * C + c) * HW;
-          backward_apply_stored_run(dz + (c - g * D) * HW, a.x + offset, a.dx + offset, HW,
-                                    Uniform<acc_t>{a.mean[ng]}, Uniform<acc_t>{a.rstd[ng] * a.w(c)},
-                                    Uniform<acc_t>{k.k2}, Uniform<acc_t>{k.k3});
+          channel_apply<kSilu>(a, n, c, k, dz + (c - g * D) * HW);
         }
       }
     });
@@ -129,15 +131,8 @@ void backward_contiguous(const BackwardArgs<T, acc_t>& a) {
   at::parallel_for(0, N * C, 1, [&](int64_t begin, int64_t end) {
     for (int64_t nc = begin; nc < end; ++nc) {
       const int64_t n = nc / C, c = nc % C;
-      const BackwardGroupCoeffs<acc_t> k = a.group_coeffs(n, c / D);
-      if (dz_in_dx) {
-        const int64_t ng = n * G + c / D;
-        backward_apply_stored_run(dz_in_dx + nc * HW, a.x + nc * HW, a.dx + nc * HW, HW,
-                                  Uniform<acc_t>{a.mean[ng]}, Uniform<acc_t>{a.rstd[ng] * a.w(c)},
-                                  Uniform<acc_t>{k.k2}, Uniform<acc_t>{k.k3});
-      } else {
-        channel_apply<kSilu>(a, n, c, k);
-      }
+      channel_apply<kSilu>(a, n, c, a.group_coeffs(n, c / D),
+                           dz_in_dx ? dz_in_dx + nc * HW : nullptr);
     }
   });
 }
