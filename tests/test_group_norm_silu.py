@@ -215,3 +215,18 @@ def test_bf16_channels_last_backward_beyond_the_dz_buffer():
     assert got[0].stride() == x.stride()
     for g, r in zip(got, want):
         torch.testing.assert_close(g, r, **GRAD_TOL[torch.bfloat16])
+
+
+@pytest.mark.parametrize("shape,groups", [((2, 64, 8, 8), 32), ((1, 243, 6, 5), 27)])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_float16_matches_reference(shape, groups, layout):
+    # fp16 runs on the CPU too (fp32 lanes, narrowed by vcvtps2ph); its backward keeps dz in
+    # an fp32 buffer as bf16's does.
+    x, w, b = make_inputs(shape, torch.float16, layout)
+    y = group_norm_silu(x, groups, w, b)
+    y_ref = group_norm_silu_reference(x, groups, w, b)
+    assert y.dtype == torch.float16 and y.stride() == x.stride()
+    torch.testing.assert_close(y, y_ref, atol=2e-3, rtol=2e-3)
+    grad_y = torch.randn(shape, generator=torch.Generator().manual_seed(5)).to(torch.float16)
+    for got, want in zip(grads(y, (x, w, b), grad_y), grads(y_ref, (x, w, b), grad_y)):
+        torch.testing.assert_close(got, want, atol=1e-2, rtol=1e-2)
