@@ -143,9 +143,9 @@ void backward_channels_last(const BackwardArgs<T, acc_t>& a) {
   const int64_t D = a.s.channels_per_group();
   // Per-(n, channel) parameters as vectors over a row.
   std::vector<acc_t> center(N * C), scale(N * C), shift(N * C);
-  for (int64_t n = 0; n < N; ++n) {
-    for (int64_t c = 0; c < C; ++c) {
-      const int64_t ng = n * G + c / D;
+  for (int64_t ng = 0; ng < N * G; ++ng) {
+    const int64_t n = ng / G, c0 = (ng % G) * D;  // the group's first channel
+    for (int64_t c = c0; c < c0 + D; ++c) {
       center[n * C + c] = a.mean[ng];
       scale[n * C + c] = a.rstd[ng] * a.w(c);
       shift[n * C + c] = a.b(c);
@@ -174,27 +174,30 @@ void backward_channels_last(const BackwardArgs<T, acc_t>& a) {
       }
     }
   });
-  at::parallel_for(0, N * C, 256, [&](int64_t begin, int64_t end) {
-    for (int64_t nc = begin; nc < end; ++nc) {
-      const int64_t n = nc / C, c = nc % C;
-      acc_t dsx = 0, db = 0;
+  // Per group, in one parallel region: its channels' sums over the tiles (in tile order), then
+  // its pass-2 coefficients as per-channel vectors. Before, the sums had a region of their own
+  // and the coefficients a serial loop: same bits, 2-3% faster at 2x1280x16x16 and 8-9% at
+  // 2x1280x8x8 (same-process A/B), where this fixed cost is a larger share.
+  std::vector<acc_t> k2(a.dx ? N * C : 0), k3(a.dx ? N * C : 0);
+  at::parallel_for(0, N * G, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t ng = begin; ng < end; ++ng) {
+      const int64_t n = ng / G, g = ng % G, first = n * C + g * D;
+      std::fill(a.dsx + first, a.dsx + first + D, acc_t(0));
+      std::fill(a.db + first, a.db + first + D, acc_t(0));
       for (int64_t t = 0; t < tiles; ++t) {
-        dsx += partial[(n * tiles + t) * 2 * C + c];
-        db += partial[(n * tiles + t) * 2 * C + C + c];
+        const acc_t* tile = &partial[(n * tiles + t) * 2 * C + g * D];
+        for (int64_t j = 0; j < D; ++j) {
+          a.dsx[first + j] += tile[j];
+          a.db[first + j] += tile[C + j];
+        }
       }
-      a.dsx[nc] = dsx;
-      a.db[nc] = db;
+      if (!a.dx) continue;
+      const BackwardGroupCoeffs<acc_t> k = a.group_coeffs(n, g);
+      std::fill(k2.begin() + first, k2.begin() + first + D, k.k2);
+      std::fill(k3.begin() + first, k3.begin() + first + D, k.k3);
     }
   });
   if (!a.dx) return;
-  std::vector<acc_t> k2(N * C), k3(N * C);
-  for (int64_t n = 0; n < N; ++n) {
-    for (int64_t g = 0; g < G; ++g) {
-      const BackwardGroupCoeffs<acc_t> k = a.group_coeffs(n, g);
-      std::fill(k2.begin() + n * C + g * D, k2.begin() + n * C + (g + 1) * D, k.k2);
-      std::fill(k3.begin() + n * C + g * D, k3.begin() + n * C + (g + 1) * D, k.k3);
-    }
-  }
   at::parallel_for(0, N * HW, std::max<int64_t>(1, 4096 / C), [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t n = row / HW, offset = row * C;
@@ -216,14 +219,17 @@ void backward_channels_last(const BackwardArgs<T, acc_t>& a) {
 template <typename acc_t>
 void parameter_grads(const acc_t* dsx, const acc_t* db, const acc_t* rstd,
                      const GroupNormShape& s, acc_t* dweight, acc_t* dbias) {
-  for (int64_t c = 0; c < s.C; ++c) {
-    acc_t dw = 0, dbc = 0;
-    for (int64_t n = 0; n < s.N; ++n) {
-      dw += rstd[n * s.G + c / s.channels_per_group()] * dsx[n * s.C + c];
-      dbc += db[n * s.C + c];
+  const int64_t D = s.channels_per_group();
+  for (int64_t g = 0; g < s.G; ++g) {
+    for (int64_t c = g * D; c < (g + 1) * D; ++c) {
+      acc_t dw = 0, dbc = 0;
+      for (int64_t n = 0; n < s.N; ++n) {
+        dw += rstd[n * s.G + g] * dsx[n * s.C + c];
+        dbc += db[n * s.C + c];
+      }
+      if (dweight) dweight[c] = dw;
+      if (dbias) dbias[c] = dbc;
     }
-    if (dweight) dweight[c] = dw;
-    if (dbias) dbias[c] = dbc;
   }
 }
 
