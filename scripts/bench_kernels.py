@@ -6,8 +6,9 @@
 Prints a Markdown table: GroupNorm+SiLU forward and backward (fused vs eager
 F.silu(F.group_norm(x))) per shape, dtype and memory format, with the fused forward's GB/s
 beside a same-size copy_ (the machine's practical bandwidth); then the sampler update vs the
-eager sequence of ops it replaces; then the CPU bf16 attention kernel vs PyTorch's SDPA in bf16
-and fp32. Times are medians (or --stat min) of interleaved repeats.
+eager sequence of ops it replaces; then how many rows meet each of issue 2's performance
+targets in this run; then the CPU bf16 attention kernel vs PyTorch's SDPA in bf16 and fp32.
+Times are medians (or --stat min) of interleaved repeats.
 
 --cache hot (default) calls every op on the same input, so at the U-Net shapes (5-21 MB)
 input and output stay in the 32 MB L3 and copy_ runs at cache speed. --cache cold gives each
@@ -224,6 +225,38 @@ def gbps(nbytes: int, seconds: float) -> float:
     return nbytes / seconds / 1e9
 
 
+def target_rows(norm: list[dict[str, object]], sampler: list[float]) -> list[list[str]]:
+    """Issue 2's performance targets against this run: [target, rows met / rows, range].
+
+    norm: one dict per GroupNorm row (shape, dtype, fwd_x, pct_copy, bwd_x or None); sampler:
+    the sampler-step ratios. A target whose rows were not run is left out; shapes outside the
+    U-Net and VAE lists count only for the backward."""
+    def unet(dtype: str | None = None) -> list[dict[str, object]]:
+        return [r for r in norm if r["shape"] in UNET_SHAPES and dtype in (None, r["dtype"])]
+
+    dtypes = sorted({str(r["dtype"]) for r in unet()}, key=list(DTYPES).index)
+    targets = [(f"forward >= 2.5x eager, U-Net shapes, {d}", [r["fwd_x"] for r in unet(d)], 2.5,
+                "x") for d in dtypes]
+    targets += [
+        ("forward >= 1.8x eager, VAE shapes",
+         [r["fwd_x"] for r in norm if r["shape"] in VAE_SHAPES], 1.8, "x"),
+        ("fused forward >= 60% of copy GB/s, U-Net shapes", [r["pct_copy"] for r in unet()], 60,
+         "%"),
+        ("backward >= 1.5x eager autograd",
+         [r["bwd_x"] for r in norm if r["bwd_x"] is not None], 1.5, "x"),
+        ("sampler step >= 3x eager", sampler, 3.0, "x"),
+    ]
+    rows = []
+    for label, values, threshold, unit in targets:
+        if not values:
+            continue
+        met = sum(float(v) >= threshold for v in values)
+        lo, hi = min(map(float, values)), max(map(float, values))
+        span = f"{lo:.0f}-{hi:.0f}%" if unit == "%" else f"{lo:.2f}-{hi:.2f}x"
+        rows.append([label, f"{met}/{len(values)}", span])
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and print the tables."""
     args = parse_args(argv)
@@ -238,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
           f"stat={args.stat} allocator={allocator} cache={args.cache}"
           + (f" (inputs rotated through >= {args.cold_mib} MiB)" if args.cache == "cold" else ""))
     timer = Timer(args.device, args.repeats, args.min_sample_ms / 1e3, args.stat)
+    norm_rows: list[dict[str, object]] = []
+    sampler_ratios: list[float] = []
     if args.shapes:
         print("\n| shape | dtype | format | fwd fused ms | fwd eager ms | fwd x | fused GB/s | "
               "copy GB/s | % of copy | bwd fused ms | bwd eager ms | bwd x |")
@@ -256,6 +291,10 @@ def main(argv: list[str] | None = None) -> int:
                       f"{r['fwd_eager'] * 1e3:.2f} | {r['fwd_eager'] / r['fwd_fused']:.2f} | "
                       f"{fused_bw:.1f} | {copy_bw:.1f} | {100 * fused_bw / copy_bw:.0f}% | {bwd} |",
                       flush=True)
+                norm_rows.append({
+                    "shape": shape_text, "dtype": dname, "fwd_x": r["fwd_eager"] / r["fwd_fused"],
+                    "pct_copy": 100 * fused_bw / copy_bw,
+                    "bwd_x": r["bwd_eager"] / r["bwd_fused"] if "bwd_fused" in r else None})
     if args.sampler_shapes:
         print("\n| sampler step (guided eps, noise) | fused us | eager us | x |")
         print("|---|---:|---:|---:|")
@@ -263,6 +302,13 @@ def main(argv: list[str] | None = None) -> int:
         r = sampler_row(timer, parse_shape(shape_text), args.device)
         print(f"| {shape_text} fp32 | {r['fused'] * 1e6:.1f} | {r['eager'] * 1e6:.1f} | "
               f"{r['eager'] / r['fused']:.2f} |", flush=True)
+        sampler_ratios.append(r["eager"] / r["fused"])
+    summary = target_rows(norm_rows, sampler_ratios)
+    if summary:
+        print("\n| issue 2 target (this run) | rows met | range |")
+        print("|---|---:|---:|")
+        for label, met, span in summary:
+            print(f"| {label} | {met} | {span} |", flush=True)
     if args.attention_shapes and args.device == "cpu" and "cpu" in fused_device_types("flash_attention"):
         print("\n| attention BxHxNxMxD | fused bf16 ms | SDPA bf16 ms | SDPA fp32 ms | "
               "x bf16 | x fp32 | fused GFLOP/s |")
