@@ -44,6 +44,7 @@ def test_bench_kernels_cold_cache_rotates_inputs():
         capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     assert "cache=cold (inputs rotated through >= 1 MiB)" in run.stdout
+    assert " huge_pages=" in run.stdout.splitlines()[0]
     row = next(line for line in run.stdout.splitlines() if line.startswith("| 2x32x4x4 |"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     values = [float(c.rstrip("%")) for c in cells[3:]]

@@ -108,3 +108,36 @@ def test_compile_for_inference_bf16_matches_eager() -> None:
         got = compile_for_inference(unet)(x.bfloat16(), t, ctx.bfloat16())
     assert got.dtype == torch.bfloat16
     assert rel_l2(got, want) < 0.03 and rel_l2(got, eager) < 0.03
+
+
+def _run_python(code: str, **env: str) -> str:
+    """stdout of `code` in a fresh interpreter (the allocator reads its settings once)."""
+    import os
+    import subprocess
+    import sys
+    environ = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"} | env
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=environ, timeout=120)
+    assert run.returncode == 0, run.stderr
+    return run.stdout.strip()
+
+
+def test_enable_huge_pages_only_before_the_first_tensor() -> None:
+    import sys
+
+    import pytest
+    if not sys.platform.startswith("linux"):
+        pytest.skip("transparent huge pages are a Linux feature")
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            granted = "[never]" not in f.read()
+    except OSError:
+        granted = False
+    enable = "from ldm.runtime import enable_huge_pages, huge_pages_on\n"
+    assert _run_python(enable + "print(huge_pages_on())") == "False"  # the default: off
+    assert _run_python(enable + "print(enable_huge_pages(), huge_pages_on())") == \
+        f"{granted} {granted}"
+    # too late once a tensor exists, and an explicit 0 is respected: both report off
+    assert _run_python("import torch\nt = torch.ones(8)\n" + enable +
+                       "print(enable_huge_pages())") == "False"
+    assert _run_python(enable + "print(enable_huge_pages())", THP_MEM_ALLOC_ENABLE="0") == "False"
