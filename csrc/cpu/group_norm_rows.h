@@ -33,6 +33,18 @@ struct PerChannel {
   acc_t at(int64_t i) const { return values[i]; }
 };
 
+// A parameter constant over blocks of 2^shift values: NCHW channels of HW values each, when HW
+// is a power of two of at least one vector, so that one run spans several short channels
+// (every vector stays inside one block). The run starts `offset` values into block 0.
+template <typename acc_t>
+struct PerBlock {
+  const acc_t* values;
+  int64_t offset;
+  int shift;
+  Vec vec(int64_t i) const { return Vec(static_cast<float>(at(i))); }
+  acc_t at(int64_t i) const { return values[(offset + i) >> shift]; }
+};
+
 // Sum of one run into a single accumulator (NCHW: one channel).
 template <typename acc_t>
 struct UniformSum {

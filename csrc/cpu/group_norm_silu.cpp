@@ -13,6 +13,8 @@
 #include "csrc/cpu/group_norm_rows.h"
 #include "csrc/group_norm_common.h"
 
+#include <c10/util/SmallVector.h>
+
 #include <vector>
 
 namespace ldm::cpu {
@@ -48,12 +50,31 @@ inline void channel_affine(const acc_t* w, const acc_t* b, int64_t c, acc_t mean
   scale *= unit;
 }
 
+// Largest power-of-two HW whose channels are applied in one run over the slab (PerBlock)
+// rather than one run per channel. Same-process A/B, two processes: 7-16% faster at
+// 2x1280x8x8, 2-4% at 2x1280x16x16, no change at 2x320x16x16 (fewer channels per slab); at
+// HW = 1024 the per-vector broadcast loads made it up to 6% slower.
+constexpr int64_t kMaxHWInOneRun = 256;
+
 // Applies group ng to slab values [begin, end) (which may cross channel boundaries).
 template <bool kSilu, typename T, typename acc_t>
 void apply_slab_range(const ForwardArgs<T, acc_t>& a, int64_t ng, int64_t begin, int64_t end) {
   const int64_t D = a.shape.channels_per_group(), HW = a.shape.HW;
   const int64_t g = ng % a.shape.G;
   const int64_t base = ng * D * HW;
+  if ((HW & (HW - 1)) == 0 && HW >= kLanes && HW <= kMaxHWInOneRun && begin % kLanes == 0) {
+    const int64_t first = begin / HW, channels = (end - 1) / HW - first + 1;
+    c10::SmallVector<acc_t, 64> scale(channels), shift(channels);
+    for (int64_t k = 0; k < channels; ++k) {
+      channel_affine<kSilu>(a.weight, a.bias, g * D + first + k, a.mean[ng], a.rstd[ng],
+                            scale[k], shift[k]);
+    }
+    const int log2_hw = __builtin_ctzll(static_cast<unsigned long long>(HW));
+    apply_run<kSilu>(a.x + base + begin, a.y + base + begin, end - begin,
+                     PerBlock<acc_t>{scale.data(), begin - first * HW, log2_hw},
+                     PerBlock<acc_t>{shift.data(), begin - first * HW, log2_hw});
+    return;
+  }
   for (int64_t i = begin; i < end;) {
     const int64_t c = g * D + i / HW;
     const int64_t stop = std::min(end, (i / HW + 1) * HW);
