@@ -176,8 +176,8 @@ void backward_channels_last(const BackwardArgs<T, acc_t>& a) {
   });
   // Per group, in one parallel region: its channels' sums over the tiles (in tile order), then
   // its pass-2 coefficients as per-channel vectors. Before, the sums had a region of their own
-  // and the coefficients a serial loop: same bits, 2-3% faster at 2x1280x16x16 and 8-9% at
-  // 2x1280x8x8 (same-process A/B), where this fixed cost is a larger share.
+  // and the coefficients a serial loop: same bits, 2-5% faster at 2x1280x16x16 and 8-9% at
+  // 2x1280x8x8 (same-process A/B, two processes), where this fixed cost is a larger share.
   std::vector<acc_t> k2(a.dx ? N * C : 0), k3(a.dx ? N * C : 0);
   at::parallel_for(0, N * G, 8, [&](int64_t begin, int64_t end) {
     for (int64_t ng = begin; ng < end; ++ng) {
