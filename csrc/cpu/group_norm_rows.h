@@ -36,14 +36,24 @@ struct PerChannel {
 // A parameter constant over blocks of 2^shift values: NCHW channels of HW values each, when HW
 // is a power of two of at least one vector, so that one run spans several short channels
 // (every vector stays inside one block). The run starts `offset` values into block 0.
-template <typename acc_t>
+// kWholeSteps: every 4-vector step of apply_run lies inside one block (HW >= 64, aligned
+// start), so the loop loads the parameter once per step instead of once per vector.
+template <typename acc_t, bool kWholeSteps = false>
 struct PerBlock {
+  static constexpr bool kSameOverStep = kWholeSteps;
   const acc_t* values;
   int64_t offset;
   int shift;
   Vec vec(int64_t i) const { return Vec(static_cast<float>(at(i))); }
   acc_t at(int64_t i) const { return values[(offset + i) >> shift]; }
 };
+
+// Whether parameter type P declares itself constant over a 4-vector step.
+template <typename P>
+constexpr bool same_over_step() {
+  if constexpr (requires { P::kSameOverStep; }) return P::kSameOverStep;
+  return false;
+}
 
 // Sum of one run into a single accumulator (NCHW: one channel).
 template <typename acc_t>
@@ -211,9 +221,16 @@ void apply_run(const T* x, T* y, int64_t n, const P& scale, const P& shift) {
     constexpr int kUnroll = 4;
     for (; i + kUnroll * kLanes <= n; i += kUnroll * kLanes) {
       Vec z[kUnroll];
-      for (int k = 0; k < kUnroll; ++k) {
-        const int64_t j = i + k * kLanes;
-        z[k] = at::vec::fmadd(load_lanes(x + j), scale.vec(j), shift.vec(j));
+      if constexpr (same_over_step<P>()) {
+        const Vec s = scale.vec(i), b = shift.vec(i);
+        for (int k = 0; k < kUnroll; ++k) {
+          z[k] = at::vec::fmadd(load_lanes(x + i + k * kLanes), s, b);
+        }
+      } else {
+        for (int k = 0; k < kUnroll; ++k) {
+          const int64_t j = i + k * kLanes;
+          z[k] = at::vec::fmadd(load_lanes(x + j), scale.vec(j), shift.vec(j));
+        }
       }
       if constexpr (kSilu) silu_lanes_from_exponent<kUnroll, kNarrow>(z);
       for (int k = 0; k < kUnroll; ++k) store_lanes(y + i + k * kLanes, z[k]);
