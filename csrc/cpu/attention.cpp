@@ -211,14 +211,14 @@ float softmax_step(const float* s, int64_t count, float block_max, float& max, f
   __m512 vsum = _mm512_setzero_ps();
   int64_t j = 0;
   for (; j + kLanes <= count; j += kLanes) {
-    const __m512 e = exp2_poly</*kNarrow=*/true>(_mm512_sub_ps(_mm512_loadu_ps(s + j), shift));
+    const __m512 e = exp2_poly_narrow(_mm512_sub_ps(_mm512_loadu_ps(s + j), shift));
     vsum = _mm512_add_ps(vsum, e);
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + j), to_bf16_lanes(e));
   }
   if (j < count) {
     const __m512 e = _mm512_maskz_mov_ps(
         first_lanes(count - j),
-        exp2_poly</*kNarrow=*/true>(_mm512_sub_ps(_mm512_loadu_ps(s + j), shift)));
+        exp2_poly_narrow(_mm512_sub_ps(_mm512_loadu_ps(s + j), shift)));
     vsum = _mm512_add_ps(vsum, e);
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + j), to_bf16_lanes(e));
   }

@@ -213,7 +213,6 @@ Moments<acc_t> merge_channel_moments(const acc_t* mean, const acc_t* m2, int64_t
 // (silu_lanes_from_exponent).
 template <bool kSilu, typename T, typename P, typename acc_t = acc_type<T>>
 void apply_run(const T* x, T* y, int64_t n, const P& scale, const P& shift) {
-  constexpr bool kNarrow = std::is_same_v<T, c10::BFloat16>;
   int64_t i = 0;
   if constexpr (kHasVecPath<T>) {
     // Four vectors per iteration: the SiLU is one long dependency chain per vector, and
@@ -232,12 +231,12 @@ void apply_run(const T* x, T* y, int64_t n, const P& scale, const P& shift) {
           z[k] = at::vec::fmadd(load_lanes(x + j), scale.vec(j), shift.vec(j));
         }
       }
-      if constexpr (kSilu) silu_lanes_from_exponent<kUnroll, kNarrow>(z);
+      if constexpr (kSilu) silu_lanes_from_exponent<kUnroll>(z);
       for (int k = 0; k < kUnroll; ++k) store_lanes(y + i + k * kLanes, z[k]);
     }
     for (; i + kLanes <= n; i += kLanes) {
       Vec z[1] = {at::vec::fmadd(load_lanes(x + i), scale.vec(i), shift.vec(i))};
-      if constexpr (kSilu) silu_lanes_from_exponent<1, kNarrow>(z);
+      if constexpr (kSilu) silu_lanes_from_exponent<1>(z);
       store_lanes(y + i, z[0]);
     }
   }
