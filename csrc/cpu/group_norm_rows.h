@@ -192,10 +192,43 @@ void tile_channel_moments(const T* x, int64_t rows, int64_t C, acc_t* mean, acc_
   }
 }
 
+// Sums of D values (and of their squared deviations from `center`) in a fixed order: vector
+// lanes, the reduce_lanes tree, then the scalar tail.
+inline float lane_sum(const float* v, int64_t D) {
+  Vec lanes(0.0f);
+  int64_t c = 0;
+  for (; c + kLanes <= D; c += kLanes) lanes = lanes + Vec::loadu(v + c);
+  float sum = reduce_lanes(lanes);
+  for (; c < D; ++c) sum += v[c];
+  return sum;
+}
+
+inline float lane_sum_squared_deviations(const float* v, float center, int64_t D) {
+  Vec lanes(0.0f);
+  int64_t c = 0;
+  for (; c + kLanes <= D; c += kLanes) {
+    const Vec d = Vec::loadu(v + c) - Vec(center);
+    lanes = at::vec::fmadd(d, d, lanes);
+  }
+  float sum = reduce_lanes(lanes);
+  for (; c < D; ++c) sum += (v[c] - center) * (v[c] - center);
+  return sum;
+}
+
 // Moments of the values of channels [c, c + D), each with `count` values and moments
 // (mean[c], m2[c]): Chan's merge of equal-count parts, M2 = sum M2_c + count sum (mean_c - mean)^2.
+// Runs per (tile, group) of the channels_last forward: at 1280 channels (D = 40) vector lanes
+// made that op 5% faster (same-process A/B, two processes); no change at D < 16.
 template <typename acc_t>
 Moments<acc_t> merge_channel_moments(const acc_t* mean, const acc_t* m2, int64_t D, acc_t count) {
+  const acc_t n = count * static_cast<acc_t>(D);
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (D >= kLanes) {
+      const float group_mean = lane_sum(mean, D) / static_cast<float>(D);
+      return Moments<acc_t>{n, group_mean, lane_sum(m2, D) +
+                                               count * lane_sum_squared_deviations(mean, group_mean, D)};
+    }
+  }
   acc_t sum = 0;
   for (int64_t c = 0; c < D; ++c) sum += mean[c];
   const acc_t group_mean = sum / static_cast<acc_t>(D);
@@ -205,7 +238,7 @@ Moments<acc_t> merge_channel_moments(const acc_t* mean, const acc_t* m2, int64_t
     within += m2[c];
     between += d * d;
   }
-  return Moments<acc_t>{count * static_cast<acc_t>(D), group_mean, within + count * between};
+  return Moments<acc_t>{n, group_mean, within + count * between};
 }
 
 // y = [silu](x * scale + shift) over n values. With kSilu, scale and shift arrive multiplied
