@@ -139,6 +139,31 @@ def test_bitwise_deterministic(shape, groups, layout):
             assert torch.equal(a, b_)
 
 
+@pytest.mark.parametrize("shape,groups,layout", [((2, 64, 8, 8), 32, "contiguous"),
+                                                 ((1, 32, 64, 64), 1, "contiguous"),
+                                                 ((2, 64, 40, 40), 32, "channels_last"),
+                                                 ((1, 64, 40, 40), 32, "channels_last")])
+def test_bitwise_same_for_any_thread_count(shape, groups, layout):
+    # The work split depends on the thread count (slabs split into chunks when there are fewer
+    # than threads; channels_last takes whole images per thread when the batch divides among
+    # them, else tiles and rows across threads), but the partial results are merged in a fixed
+    # order, so values and gradients must not change. 40x40 rows give several tiles per image.
+    x, w, b = make_inputs(shape, torch.float32, layout)
+    grad_y = torch.randn(shape, generator=torch.Generator().manual_seed(3))
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            y = group_norm_silu(x, groups, w, b)
+            results.append((y, *grads(y, (x, w, b), grad_y)))
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        for a, b_ in zip(results[0], other):
+            assert torch.equal(a, b_)
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_opcheck(layout):
     x, w, b = make_inputs((2, 8, 5, 3), torch.float32, layout)
