@@ -18,10 +18,14 @@ op = torch.ops.ldm.group_norm_silu if "cpu" in fused_device_types("group_norm_si
 # of two up to 256 applies a slab's channels in one run: HW = 16 (one vector per channel),
 # 32, 64, and 1x512x16x16 in one group (a 131072-value slab split into two chunks).
 # channels_last merges a group's channels in vector lanes from 16 channels per group on: 40
-# per group takes two vectors and a tail.
+# per group takes two vectors and a tail. channels_last bands (whole groups, 4-8 vectors, at
+# most 256 KB over the image): 2x64x8x8 (4 vectors, 32 groups each), 2x80x3x5 (5), 2x192x5x7 in
+# 8 groups (6 vectors, 4 groups per band, two bands per image), 1x224x3x5 (7) and 1x256x5x3
+# (8, one group per band); the other shapes take the tiles path.
 SHAPES = [((2, 64, 8, 8), 32), ((2, 4, 1, 1), 2), ((2, 6, 7, 5), 3), ((2, 8, 4, 4), 8),
           ((1, 32, 16, 16), 1), ((2, 8, 9), 4), ((1, 8, 3, 4, 5), 2), ((1, 243, 6, 5), 27),
-          ((2, 16, 4, 8), 4), ((1, 512, 16, 16), 1), ((2, 80, 3, 5), 2)]
+          ((2, 16, 4, 8), 4), ((1, 512, 16, 16), 1), ((2, 80, 3, 5), 2), ((2, 192, 5, 7), 8),
+          ((1, 224, 3, 5), 2), ((1, 256, 5, 3), 2)]
 TOL = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.bfloat16: dict(atol=3e-2, rtol=3e-2)}
 GRAD_TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.bfloat16: dict(atol=6e-2, rtol=6e-2)}
 
@@ -142,12 +146,15 @@ def test_bitwise_deterministic(shape, groups, layout):
 @pytest.mark.parametrize("shape,groups,layout", [((2, 64, 8, 8), 32, "contiguous"),
                                                  ((1, 32, 64, 64), 1, "contiguous"),
                                                  ((2, 64, 40, 40), 32, "channels_last"),
-                                                 ((1, 64, 40, 40), 32, "channels_last")])
+                                                 ((1, 64, 40, 40), 32, "channels_last"),
+                                                 ((1, 160, 24, 24), 32, "channels_last")])
 def test_bitwise_same_for_any_thread_count(shape, groups, layout):
     # The work split depends on the thread count (slabs split into chunks when there are fewer
     # than threads; channels_last takes whole images per thread when the batch divides among
-    # them, else tiles and rows across threads), but the partial results are merged in a fixed
-    # order, so values and gradients must not change. 40x40 rows give several tiles per image.
+    # them, else tiles and rows across threads; bands are spread over the threads), but the
+    # partial results are merged in a fixed order, so values and gradients must not change.
+    # 40x40 rows give several tiles per image (fp32 64-channel bands would exceed 256 KB there);
+    # 1x160x24x24 is two 80-channel bands (the tiles path would take two tiles there).
     x, w, b = make_inputs(shape, torch.float32, layout)
     grad_y = torch.randn(shape, generator=torch.Generator().manual_seed(3))
     threads = torch.get_num_threads()
@@ -257,6 +264,22 @@ def test_bf16_output_rounds_like_the_reference(channels_last: bool):
     ref = group_norm_silu_reference(x, 32, w, b).float()
     assert (y != ref).float().mean().item() < 0.002
     torch.testing.assert_close(y, ref, **TOL[torch.bfloat16])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("affine,silu", [(True, True), (False, True), (True, False)])
+def test_channels_last_bands_over_many_rows(dtype, affine, silu):
+    # channels_last bands (whole groups, at most 256 KB over the image) run Welford down all of
+    # an image's 576 rows, keep the backward's sums in registers and its dz in dx (fp32) or in
+    # a band-sized fp32 buffer (bf16). At 1x160x24x24 (two 80-channel bands) their bits differ
+    # from the tiles path's, which would take two tiles of rows.
+    x, w, b = make_inputs((1, 160, 24, 24), dtype, "channels_last", affine=affine)
+    y = group_norm_silu(x, 32, w, b, silu=silu)
+    y_ref = group_norm_silu_reference(x, 32, w, b, silu=silu)
+    torch.testing.assert_close(y, y_ref, **TOL[dtype])
+    grad_y = torch.randn(x.shape, generator=torch.Generator().manual_seed(5)).to(dtype)
+    for got, want in zip(grads(y, (x, w, b), grad_y), grads(y_ref, (x, w, b), grad_y)):
+        torch.testing.assert_close(got, want, **GRAD_TOL[dtype])
 
 
 def test_bf16_channels_last_backward_beyond_the_dz_buffer():

@@ -10,6 +10,7 @@
 #include "csrc/math.h"
 
 #include <algorithm>
+#include <numeric>
 #include <type_traits>
 
 namespace ldm::cpu {
@@ -146,43 +147,47 @@ Moments<acc_t> contiguous_moments(const T* x, int64_t n) {
   }
 }
 
-// Per-channel moments over the rows of a channels_last tile in one memory pass: Welford's
-// update down the rows, every channel on its own vector lane (all lanes see the same count,
-// so 1 / count is one scalar per row). Blocks of kBlock channel vectors stay in registers
-// across the rows (a read-modify-write of per-channel arrays per row would be store-bound).
-// Writes mean[c] and m2[c] (sum of squared deviations) of each channel over `rows` values.
+// Per-channel Welford moments of kWidth channel vectors down `rows` rows of a channels_last
+// block (row stride `stride` values): every channel on its own vector lane, all lanes with the
+// same count (so 1 / count is one scalar per row), the kWidth vectors in registers across the
+// rows (a read-modify-write of per-channel arrays per row would be store-bound). Writes
+// mean[k] and m2[k] (sum of squared deviations) for k < kWidth * kLanes.
+template <int kWidth, typename T>
+void block_channel_moments(const T* x, int64_t rows, int64_t stride, float* mean, float* m2) {
+  Vec mu[kWidth], sq[kWidth];
+  for (int k = 0; k < kWidth; ++k) mu[k] = sq[k] = Vec(0.0f);
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* row = x + r * stride;
+    const Vec inv_count(1.0f / static_cast<float>(r + 1));
+    for (int k = 0; k < kWidth; ++k) {
+      const Vec v = load_lanes(row + k * kLanes);
+      const Vec delta = v - mu[k];
+      mu[k] = at::vec::fmadd(delta, inv_count, mu[k]);
+      sq[k] = at::vec::fmadd(delta, v - mu[k], sq[k]);
+    }
+  }
+  for (int k = 0; k < kWidth; ++k) {
+    mu[k].store(mean + k * kLanes);
+    sq[k].store(m2 + k * kLanes);
+  }
+}
+
+// Per-channel moments over the rows of a channels_last tile in one memory pass, blocks of up to
+// 8 channel vectors at a time (block_channel_moments). Writes mean[c] and m2[c] of each channel
+// over `rows` values.
 template <typename T, typename acc_t = acc_type<T>>
 void tile_channel_moments(const T* x, int64_t rows, int64_t C, acc_t* mean, acc_t* m2) {
   int64_t c0 = 0;
   if constexpr (kHasVecPath<T>) {
     constexpr int kBlock = 8;
-    const auto block_moments = [&](int64_t c, auto width) {
-      constexpr int kWidth = decltype(width)::value;
-      Vec mu[kWidth], sq[kWidth];
-      for (int k = 0; k < kWidth; ++k) mu[k] = sq[k] = Vec(0.0f);
-      for (int64_t r = 0; r < rows; ++r) {
-        const T* row = x + r * C + c;
-        const Vec inv_count(1.0f / static_cast<float>(r + 1));
-        for (int k = 0; k < kWidth; ++k) {
-          const Vec v = load_lanes(row + k * kLanes);
-          const Vec delta = v - mu[k];
-          mu[k] = at::vec::fmadd(delta, inv_count, mu[k]);
-          sq[k] = at::vec::fmadd(delta, v - mu[k], sq[k]);
-        }
-      }
-      for (int k = 0; k < kWidth; ++k) {
-        mu[k].store(mean + c + k * kLanes);
-        sq[k].store(m2 + c + k * kLanes);
-      }
-    };
     for (; c0 + kBlock * kLanes <= C; c0 += kBlock * kLanes) {
-      block_moments(c0, std::integral_constant<int, kBlock>{});
+      block_channel_moments<kBlock>(x + c0, rows, C, mean + c0, m2 + c0);
     }
     // The remainder in blocks of 4, 2, 1 vectors: a lone vector per row is one dependent
     // chain (at C = 320 the last 64 channels would take as long as the first 256).
-    if (c0 + 4 * kLanes <= C) block_moments(c0, std::integral_constant<int, 4>{}), c0 += 4 * kLanes;
-    if (c0 + 2 * kLanes <= C) block_moments(c0, std::integral_constant<int, 2>{}), c0 += 2 * kLanes;
-    if (c0 + kLanes <= C) block_moments(c0, std::integral_constant<int, 1>{}), c0 += kLanes;
+    if (c0 + 4 * kLanes <= C) block_channel_moments<4>(x + c0, rows, C, mean + c0, m2 + c0), c0 += 4 * kLanes;
+    if (c0 + 2 * kLanes <= C) block_channel_moments<2>(x + c0, rows, C, mean + c0, m2 + c0), c0 += 2 * kLanes;
+    if (c0 + kLanes <= C) block_channel_moments<1>(x + c0, rows, C, mean + c0, m2 + c0), c0 += kLanes;
   }
   for (int64_t c = c0; c < C; ++c) {
     Moments<acc_t> m{0, 0, 0};
@@ -280,6 +285,33 @@ void apply_run(const T* x, T* y, int64_t n, const P& scale, const P& shift) {
   }
 }
 
+// Channels per channels_last band: whole groups and whole vectors (a multiple of
+// lcm(D, kLanes) from 4 to 8 vectors), or 0 when the channels do not split into such bands or
+// one band's values over all rows would exceed max_bytes.
+template <typename T>
+int64_t band_channels(int64_t C, int64_t D, int64_t HW, int64_t max_bytes) {
+  if constexpr (!kHasVecPath<T>) return 0;
+  const int64_t step = std::lcm(D, kLanes);
+  int64_t B = step;
+  while (B < 4 * kLanes) B += step;
+  if (B > 8 * kLanes || C % B != 0 || B * HW * static_cast<int64_t>(sizeof(T)) > max_bytes) {
+    return 0;
+  }
+  return B;
+}
+
+// Calls f with std::integral_constant<int, W> for W = vectors in {4, ..., 8}.
+template <typename F>
+void with_band_width(int64_t vectors, F&& f) {
+  switch (vectors) {
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 5: f(std::integral_constant<int, 5>{}); break;
+    case 6: f(std::integral_constant<int, 6>{}); break;
+    case 7: f(std::integral_constant<int, 7>{}); break;
+    default: f(std::integral_constant<int, 8>{}); break;
+  }
+}
+
 // dz = dy * silu'(z) (or dy), with z = (x - center) * scale + shift; returns it with xc.
 template <bool kSilu>
 inline Vec upstream_grad(const Vec& dy, const Vec& xc, const Vec& scale, const Vec& shift) {
@@ -348,6 +380,29 @@ void backward_sums_run(const T* dy, const T* x, int64_t n, const P& center, cons
   }
   dsx_out = dsx;
   db_out = db;
+}
+
+// Backward pass 1 down `rows` rows of a channels_last band of kWidth channel vectors (row
+// stride `stride`): per-channel sums dsx = sum dz (x - center) and db = sum dz, held in
+// registers over the rows; dz is stored to dz_out (row stride dz_stride) for pass 2.
+template <bool kSilu, int kWidth, typename T>
+void band_backward_sums(const T* dy, const T* x, int64_t rows, int64_t stride,
+                        const float* center, const float* scale, const float* shift,
+                        float* dz_out, int64_t dz_stride, float* dsx, float* db) {
+  Vec sx[kWidth], sb[kWidth];
+  for (int k = 0; k < kWidth; ++k) sx[k] = sb[k] = Vec(0.0f);
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int k = 0; k < kWidth; ++k) {
+      const int64_t j = r * stride + k * kLanes;
+      const Vec xc = load_lanes(x + j) - Vec::loadu(center + k * kLanes);
+      const Vec dz = upstream_grad<kSilu>(load_lanes(dy + j), xc, Vec::loadu(scale + k * kLanes),
+                                          Vec::loadu(shift + k * kLanes));
+      dz.store(dz_out + r * dz_stride + k * kLanes);
+      sx[k] = sx[k] + dz * xc;
+      sb[k] = sb[k] + dz;
+    }
+  }
+  for (int k = 0; k < kWidth; ++k) sx[k].store(dsx + k * kLanes), sb[k].store(db + k * kLanes);
 }
 
 // Backward pass 2 from stored dz: dx = k1 * dz + k2 * (x - center) + k3. dz may be dx itself
