@@ -189,8 +189,8 @@ void image_affine(const ForwardArgs<T, acc_t>& a, int64_t n, int64_t tiles,
 // channels_last bands (band_channels): B channels of one image, whole groups and whole vectors,
 // whose values over all rows take at most kBandBytes, so that the apply pass reads them from L2
 // rather than from the L3 or memory, as the NCHW slabs do. The tiles path reads the image
-// twice from beyond L2. Same-process A/B against it, three processes: fp32 2x1280x16x16 7-9%
-// faster, 2x1280x8x8 8-10%; bf16 2x640x32x32 5%, 2x1280x16x16 7%. At 320 KB (fp32
+// twice from beyond L2. Same-process A/B against it, three processes: fp32 2x1280x16x16 4-7%
+// faster, 2x1280x8x8 4-8%; bf16 2x640x32x32 5-8%, 2x1280x16x16 6-7%. At 320 KB (fp32
 // 2x640x32x32) a band with its output fills too much of the 1 MB L2 (its rows use 40 of every
 // 64 line offsets): up to 41% slower in 4 of 5 processes, hence 256 KB.
 constexpr int64_t kBandBytes = int64_t{256} << 10;
@@ -218,9 +218,9 @@ void forward_channels_last_bands(const ForwardArgs<T, acc_t>& a, int64_t B) {
           channel_affine<kSilu>(a.weight, a.bias, c0 + k, a.mean[ng], a.rstd[ng], scale[k], shift[k]);
         }
       }
-      for (int64_t r = 0; r < HW; ++r) {
-        apply_run<kSilu>(x + r * C, y + r * C, B, PerChannel<acc_t>{scale}, PerChannel<acc_t>{shift});
-      }
+      with_band_width(B / kLanes, [&](auto width) {
+        apply_band<kSilu, decltype(width)::value>(x, y, HW, C, scale, shift);
+      });
     }
   });
 }

@@ -140,9 +140,9 @@ void backward_contiguous(const BackwardArgs<T, acc_t>& a) {
 
 // channels_last bands (group_norm_rows.h, band_channels): both passes per band of whole groups
 // of one image while its x, dy and dz stay in L2, as the NCHW slabs do; the sums of pass 1 stay
-// in registers down the rows. Same-process A/B against the tiles path, three processes: fp32
-// 2x1280x16x16 25-27% faster, 2x1280x8x8 17-20%; bf16 2x1280x16x16 18-21%, 2x640x32x32
-// 14-19%. fp32 2x640x32x32 (320 KB bands, 960 KB of x, dy and dz) ranged from 31% faster to
+// in registers down the rows. Same-process A/B against the tiles path, five processes: fp32
+// 2x1280x16x16 19-27% faster, 2x1280x8x8 17-20%; bf16 2x1280x16x16 18-20%, 2x640x32x32
+// 14-40%. fp32 2x640x32x32 (320 KB bands, 960 KB of x, dy and dz) ranged from 31% faster to
 // 11% slower with the process, so bands stop at 256 KB.
 constexpr int64_t kBandBytes = int64_t{256} << 10;
 
@@ -174,11 +174,10 @@ void backward_channels_last_bands(const BackwardArgs<T, acc_t>& a, int64_t B) {
         std::fill(k2 + (g * D - c0), k2 + (g * D - c0) + D, k.k2);
         std::fill(k3 + (g * D - c0), k3 + (g * D - c0) + D, k.k3);
       }
-      for (int64_t r = 0; r < HW; ++r) {
-        backward_apply_stored_run(dz + r * dz_stride, a.x + offset + r * C, a.dx + offset + r * C,
-                                  B, PerChannel<acc_t>{center}, PerChannel<acc_t>{scale},
-                                  PerChannel<acc_t>{k2}, PerChannel<acc_t>{k3});
-      }
+      with_band_width(B / kLanes, [&](auto width) {
+        band_backward_apply<decltype(width)::value>(dz, dz_stride, a.x + offset, a.dx + offset,
+                                                    HW, C, center, scale, k2, k3);
+      });
     }
   });
 }
