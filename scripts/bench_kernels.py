@@ -14,16 +14,28 @@ Times are medians (or --stat min) of interleaved repeats.
 input and output stay in the 32 MB L3 and copy_ runs at cache speed. --cache cold gives each
 call the next of a pool of inputs larger than the L3 (--cold-mib), so inputs come from memory
 and copy_ measures the memory bandwidth.
+
+With --allocator heap (the default) on the CPU the script restarts itself once with glibc's
+per-thread cache of small blocks off (GLIBC_TUNABLES=glibc.malloc.tcache_count=0), unless
+--tcache is given. Why: every tensor comes from posix_memalign, which asks malloc for 96 bytes
+more than the block and frees that tail; the tcache keeps the tail as an allocated block, so
+a freed output cannot merge with it and the next same-size output does not fit there. In some
+processes the outputs then cycle through 4-5 heap blocks (42-52 MB at 2x320x64x64 fp32) that
+do not stay in the 32 MB L3, and every call writes its output to memory: the fused forward
+there took 0.47-0.62 ms with 4-5 blocks and 0.36 ms with one (eager 1.09-1.24 vs 1.03 ms).
+That was the "per-process page lottery" of earlier notes.
 """
 from __future__ import annotations
 
 import argparse
 import itertools
 import math
+import os
 import statistics
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -71,12 +83,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "32 MiB (fp32 pipelines) are mapped per use: both sides then pay page faults at the large "
                         "VAE shapes); 'glibc' keeps the defaults (every block above 128 KiB-32 MiB "
                         "faults again)")
+    p.add_argument("--tcache", action="store_true",
+                   help="keep glibc's per-thread cache of small blocks (default with --allocator "
+                        "heap on the CPU: off, by restarting with GLIBC_TUNABLES; with it, "
+                        "same-size outputs may cycle through several heap blocks that do not "
+                        "stay in the L3, per process; see the module docstring)")
     p.add_argument("--huge-pages", action="store_true",
                    help="transparent huge pages for tensors of 2 MiB and more (PyTorch's "
                         "THP_MEM_ALLOC_ENABLE; default off, as txt2img runs). With 4 KiB pages "
                         "the fused NCHW forward at 2x320x64x64 fp32 took 0.36-0.55 ms "
-                        "depending on the process, with 2 MiB pages 0.35-0.37 ms; eager "
-                        "changes too, so the ratios do not move one way")
+                        "depending on the process, with 2 MiB pages 0.35-0.37 ms (eighth "
+                        "session); the spread came from glibc's tcache (--tcache)")
     p.add_argument("--cache", choices=["hot", "cold"], default="hot",
                    help="hot: every call reads the same input (cache-resident at the U-Net "
                         "shapes); cold: calls rotate through distinct inputs totalling at least "
@@ -263,9 +280,27 @@ def target_rows(norm: list[dict[str, object]], sampler: list[float]) -> list[lis
     return rows
 
 
+TCACHE_OFF = "glibc.malloc.tcache_count=0"
+
+
+def tcache_off() -> bool:
+    """Whether this process started with glibc's tcache off."""
+    return TCACHE_OFF in os.environ.get("GLIBC_TUNABLES", "").split(":")
+
+
+def restart_without_tcache(argv: list[str]) -> None:
+    """Replace this process by the same command with glibc's tcache off (read at start-up)."""
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    env = {**os.environ, "GLIBC_TUNABLES": ":".join(t for t in (tunables, TCACHE_OFF) if t)}
+    sys.stdout.flush()
+    os.execve(sys.executable, [sys.executable, str(Path(__file__).resolve()), *argv], env)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and print the tables."""
     args = parse_args(argv)
+    if args.device == "cpu" and args.allocator == "heap" and not args.tcache and not tcache_off():
+        restart_without_tcache(sys.argv[1:] if argv is None else argv)
     huge_pages = args.huge_pages and enable_huge_pages()  # before the first tensor
     allocator = "glibc"
     if args.device == "cpu":
@@ -275,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     fused_on = args.device in fused_device_types("group_norm_silu")
     print(f"device={args.device} threads={torch.get_num_threads()} torch={torch.__version__} "
           f"fused_kernels={'yes' if fused_on else 'NO (reference path)'} repeats={args.repeats} "
-          f"stat={args.stat} allocator={allocator} "
+          f"stat={args.stat} allocator={allocator} tcache={'off' if tcache_off() else 'on'} "
           f"huge_pages={'on' if huge_pages else 'off'} cache={args.cache}"
           + (f" (inputs rotated through >= {args.cold_mib} MiB)" if args.cache == "cold" else ""))
     timer = Timer(args.device, args.repeats, args.min_sample_ms / 1e3, args.stat)

@@ -22,6 +22,8 @@ def test_bench_kernels_prints_all_tables():
          "--min-sample-ms", "0.1", "--dtypes", "bf16"],
         capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
+    # the default CPU set-up restarts the script with glibc's tcache off (module docstring)
+    assert " allocator=heap tcache=off " in run.stdout.splitlines()[0]
     rows = [line for line in run.stdout.splitlines() if line.startswith("| ")]
     assert any(r.startswith("| 1x64x5x7 | bf16 | nchw |") for r in rows)
     assert any(r.startswith("| 1x64x5x7 | bf16 | channels_last |") for r in rows)
@@ -40,10 +42,12 @@ def test_bench_kernels_cold_cache_rotates_inputs():
     run = subprocess.run(
         [sys.executable, str(SCRIPT), "--device", "cpu", "--shapes", "2x32x4x4",
          "--sampler-shapes", "--attention-shapes", "--repeats", "2", "--min-sample-ms", "0.1",
-         "--dtypes", "fp32", "--formats", "nchw", "--cache", "cold", "--cold-mib", "1"],
+         "--dtypes", "fp32", "--formats", "nchw", "--cache", "cold", "--cold-mib", "1",
+         "--tcache"],
         capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     assert "cache=cold (inputs rotated through >= 1 MiB)" in run.stdout
+    assert " tcache=on " in run.stdout.splitlines()[0]  # --tcache: no restart
     assert " huge_pages=" in run.stdout.splitlines()[0]
     row = next(line for line in run.stdout.splitlines() if line.startswith("| 2x32x4x4 |"))
     cells = [c.strip() for c in row.strip("|").split("|")]
