@@ -20,8 +20,6 @@
 
 #include <c10/util/SmallVector.h>
 
-#include <numeric>
-#include <type_traits>
 #include <vector>
 
 namespace ldm::cpu {
@@ -191,8 +189,10 @@ void image_affine(const ForwardArgs<T, acc_t>& a, int64_t n, int64_t tiles,
 // rather than from the L3 or memory, as the NCHW slabs do. The tiles path reads the image
 // twice from beyond L2. Same-process A/B against it, three processes: fp32 2x1280x16x16 4-7%
 // faster, 2x1280x8x8 4-8%; bf16 2x640x32x32 5-8%, 2x1280x16x16 6-7%. At 320 KB (fp32
-// 2x640x32x32) a band with its output fills too much of the 1 MB L2 (its rows use 40 of every
-// 64 line offsets): up to 41% slower in 4 of 5 processes, hence 256 KB.
+// 2x640x32x32) it was 5-9% faster when the output block was in the cache, and 28-41% slower
+// in processes whose outputs cycled through several heap blocks (bench_kernels.py, tcache):
+// the band's output goes out in strided 320-byte pieces that the prefetchers do not fetch
+// ahead, the tiles path's in whole rows. Hence 256 KB.
 constexpr int64_t kBandBytes = int64_t{256} << 10;
 
 template <bool kSilu, typename T, typename acc_t>
@@ -228,14 +228,14 @@ void forward_channels_last_bands(const ForwardArgs<T, acc_t>& a, int64_t B) {
 template <bool kSilu, typename T, typename acc_t>
 void forward_channels_last(const ForwardArgs<T, acc_t>& a) {
   const int64_t N = a.shape.N, C = a.shape.C, HW = a.shape.HW, G = a.shape.G;
-  const int64_t rows_per_tile = std::max<int64_t>(1, kTileValues / C);
-  const int64_t tiles = (HW + rows_per_tile - 1) / rows_per_tile;
-  if constexpr (kHasVecPath<T>) {
+  if constexpr (kHasVecPath<T>) {  // fp64 (gradcheck) has no band path
     if (const int64_t B = band_channels<T>(C, a.shape.channels_per_group(), HW, kBandBytes); B > 0) {
       forward_channels_last_bands<kSilu>(a, B);
       return;
     }
   }
+  const int64_t rows_per_tile = std::max<int64_t>(1, kTileValues / C);
+  const int64_t tiles = (HW + rows_per_tile - 1) / rows_per_tile;
   if (N % at::get_num_threads() == 0) {
     // Whole images per thread: statistics, affine and apply in one parallel region, with no
     // serial step between them (same tiles and merge order as below, so the same bits). Same-

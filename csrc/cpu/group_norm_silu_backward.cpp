@@ -142,8 +142,9 @@ void backward_contiguous(const BackwardArgs<T, acc_t>& a) {
 // of one image while its x, dy and dz stay in L2, as the NCHW slabs do; the sums of pass 1 stay
 // in registers down the rows. Same-process A/B against the tiles path, five processes: fp32
 // 2x1280x16x16 19-27% faster, 2x1280x8x8 17-20%; bf16 2x1280x16x16 18-20%, 2x640x32x32
-// 14-40%. fp32 2x640x32x32 (320 KB bands, 960 KB of x, dy and dz) ranged from 31% faster to
-// 11% slower with the process, so bands stop at 256 KB.
+// 14-40%. fp32 2x640x32x32 (320 KB bands) was 4-17% faster with glibc's tcache off and from
+// 31% faster to 11% slower with it on, by process (the forward's note on kBandBytes), so bands
+// stop at 256 KB.
 constexpr int64_t kBandBytes = int64_t{256} << 10;
 
 template <bool kSilu, typename T, typename acc_t>
@@ -186,7 +187,7 @@ template <bool kSilu, typename T, typename acc_t>
 void backward_channels_last(const BackwardArgs<T, acc_t>& a) {
   const int64_t N = a.s.N, C = a.s.C, HW = a.s.HW, G = a.s.G;
   const int64_t D = a.s.channels_per_group();
-  if constexpr (std::is_same_v<acc_t, float>) {
+  if constexpr (std::is_same_v<acc_t, float>) {  // fp64 (gradcheck) has no band path
     if (const int64_t B = band_channels<T>(C, D, HW, kBandBytes); a.dx && B > 0) {
       backward_channels_last_bands<kSilu>(a, B);
       return;
