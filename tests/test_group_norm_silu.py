@@ -282,6 +282,28 @@ def test_channels_last_bands_over_many_rows(dtype, affine, silu):
         torch.testing.assert_close(got, want, **GRAD_TOL[dtype])
 
 
+@pytest.mark.parametrize(
+    "shape,groups,layout",
+    [
+        ((1, 64, 256, 272), 32, "contiguous"),  # whole slabs per thread, aligned
+        ((1, 32, 363, 365), 32, "contiguous"),  # odd HW: most channel starts unaligned
+        ((1, 4, 1100, 1000), 1, "contiguous"),  # one slab split into chunks over threads
+        ((1, 96, 216, 216), 32, "channels_last"),  # one image: tiles, then rows over threads
+        ((2, 128, 128, 136), 32, "channels_last"),  # whole images per thread
+        ((1, 100, 210, 210), 20, "channels_last"),  # 400-byte rows: every fourth aligned
+    ],
+)
+def test_fp32_forward_beyond_the_cache(shape, groups, layout):
+    # fp32 inputs whose input and output together exceed 32 MB write the output with
+    # non-temporal stores where it is vector-aligned (ordinary stores elsewhere).
+    x, w, b = make_inputs(shape, torch.float32, layout)
+    assert 2 * x.numel() * 4 > 32 << 20
+    with torch.inference_mode():
+        y = group_norm_silu(x, groups, w, b)
+    assert y.stride() == x.stride()
+    torch.testing.assert_close(y, group_norm_silu_reference(x, groups, w, b), **TOL[torch.float32])
+
+
 def test_bf16_channels_last_backward_beyond_the_dz_buffer():
     # bf16 channels_last keeps dz in an fp32 buffer of at most 8 MiB (the small shapes above);
     # beyond it pass 2 evaluates the SiLU derivative again. 2.4M values (9.4 MB of fp32 dz)

@@ -248,9 +248,11 @@ Moments<acc_t> merge_channel_moments(const acc_t* mean, const acc_t* m2, int64_t
 
 // y = [silu](x * scale + shift) over n values. With kSilu, scale and shift arrive multiplied
 // by kNegLog2e (channel_affine does it), so the affine yields the exp's argument directly
-// (silu_lanes_from_exponent).
+// (silu_lanes_from_exponent). With `stream` (fp32 only; y vector-aligned) the unrolled part
+// is written with non-temporal stores, and the caller fences (streamed_stores_done).
 template <bool kSilu, typename T, typename P, typename acc_t = acc_type<T>>
-void apply_run(const T* x, T* y, int64_t n, const P& scale, const P& shift) {
+void apply_run(const T* x, T* y, int64_t n, const P& scale, const P& shift,
+               bool stream = false) {
   int64_t i = 0;
   if constexpr (kHasVecPath<T>) {
     // Four vectors per iteration: the SiLU is one long dependency chain per vector, and
@@ -270,6 +272,12 @@ void apply_run(const T* x, T* y, int64_t n, const P& scale, const P& shift) {
         }
       }
       if constexpr (kSilu) silu_lanes_from_exponent<kUnroll>(z);
+      if constexpr (std::is_same_v<T, float>) {
+        if (stream) {
+          for (int k = 0; k < kUnroll; ++k) stream_lanes(y + i + k * kLanes, z[k]);
+          continue;
+        }
+      }
       for (int k = 0; k < kUnroll; ++k) store_lanes(y + i + k * kLanes, z[k]);
     }
     for (; i + kLanes <= n; i += kLanes) {

@@ -75,6 +75,30 @@ inline void store_lanes(T* p, const Vec& v) {
   }
 }
 
+// kLanes fp32 values to p (aligned to 64 bytes) with a non-temporal store: the line goes to
+// memory without first being read into the cache (write-allocate) and without evicting
+// anything. Callers fence (streamed_stores_done) before other threads may read.
+inline void stream_lanes(float* p, const Vec& v) {
+#if defined(CPU_CAPABILITY_AVX512)
+  _mm512_stream_ps(p, v);
+#else
+  v.store(p);
+#endif
+}
+
+// Orders this thread's non-temporal stores before what follows (they are weakly ordered).
+inline void streamed_stores_done() {
+#if defined(CPU_CAPABILITY_AVX512)
+  _mm_sfence();
+#endif
+}
+
+// Whether p starts a whole vector of T in memory (the non-temporal store needs it).
+template <typename T>
+inline bool vector_aligned(const T* p) {
+  return reinterpret_cast<std::uintptr_t>(p) % (kLanes * sizeof(T)) == 0;
+}
+
 #if defined(CPU_CAPABILITY_AVX512)
 // 2^t for every lane, for results rounded to bf16 (the attention's softmax): 2^n 2^f with
 // n = round(t), f = t - n in [-1/2, 1/2], 2^f a degree-4 minimax polynomial (fitted by
