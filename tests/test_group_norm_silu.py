@@ -304,6 +304,21 @@ def test_fp32_forward_beyond_the_cache(shape, groups, layout):
     torch.testing.assert_close(y, group_norm_silu_reference(x, groups, w, b), **TOL[torch.float32])
 
 
+@pytest.mark.parametrize("shape,groups", [((2, 64, 20, 20), 32), ((1, 32, 13, 11), 8),
+                                          ((2, 128, 16, 16), 32)])
+def test_bf16_nchw_even_odd_lanes(shape, groups):
+    # bf16 NCHW loads 32 values at a time into even and odd lanes for the statistics and for
+    # runs with one scale and shift (per channel: HW = 400 and 143 with vector and scalar
+    # tails; per 64-value step of a slab: HW = 256), and stores them back in order.
+    x, w, b = make_inputs(shape, torch.bfloat16, "contiguous")
+    y, mean, rstd = op(x, groups, w, b, 1e-5, True)
+    torch.testing.assert_close(y, group_norm_silu_reference(x, groups, w, b), **TOL[torch.bfloat16])
+    slabs = x.float().reshape(shape[0], groups, -1)
+    torch.testing.assert_close(mean, slabs.mean(-1), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(rstd, torch.rsqrt(slabs.var(-1, unbiased=False) + 1e-5),
+                               atol=1e-6, rtol=1e-5)
+
+
 def test_bf16_channels_last_backward_beyond_the_dz_buffer():
     # bf16 channels_last keeps dz in an fp32 buffer of at most 8 MiB (the small shapes above);
     # beyond it pass 2 evaluates the SiLU derivative again. 2.4M values (9.4 MB of fp32 dz)

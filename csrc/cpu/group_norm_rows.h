@@ -18,6 +18,7 @@ namespace ldm::cpu {
 // A parameter that is the same for every value of the run.
 template <typename acc_t>
 struct Uniform {
+  static constexpr bool kSameOverStep = true;
   acc_t value;
   Vec vec(int64_t) const { return Vec(static_cast<float>(value)); }
   acc_t at(int64_t) const { return value; }
@@ -109,8 +110,19 @@ Moments<float> welford_lanes(const T* x, int64_t steps) {
   for (int64_t s = 0; s < steps; ++s) {
     const Vec inv_count(1.0f / static_cast<float>(s + 1));
     const T* p = x + s * kWelfordSets * kLanes;
+    Vec values[kWelfordSets];
+#if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (std::is_same_v<T, c10::BFloat16>) {  // see load_bf16_even_odd
+      static_assert(kWelfordSets == 4, "two 32-value loads per step");
+      load_bf16_even_odd(p, values[0], values[1]);
+      load_bf16_even_odd(p + 2 * kLanes, values[2], values[3]);
+    } else
+#endif
+    {
+      for (int k = 0; k < kWelfordSets; ++k) values[k] = load_lanes(p + k * kLanes);
+    }
     for (int k = 0; k < kWelfordSets; ++k) {
-      const Vec v = load_lanes(p + k * kLanes);
+      const Vec v = values[k];
       const Vec delta = v - mean[k];
       mean[k] = at::vec::fmadd(delta, inv_count, mean[k]);
       m2[k] = at::vec::fmadd(delta, v - mean[k], m2[k]);
@@ -260,6 +272,21 @@ void apply_run(const T* x, T* y, int64_t n, const P& scale, const P& shift,
     constexpr int kUnroll = 4;
     for (; i + kUnroll * kLanes <= n; i += kUnroll * kLanes) {
       Vec z[kUnroll];
+#if defined(CPU_CAPABILITY_AVX512)
+      if constexpr (std::is_same_v<T, c10::BFloat16> && same_over_step<P>()) {
+        // bf16 with one scale and shift for the whole step: even and odd values in separate
+        // vectors (load_bf16_even_odd), one vector op fewer per 16 values.
+        static_assert(kUnroll == 4, "two 32-value loads per step");
+        const Vec s = scale.vec(i), b = shift.vec(i);
+        load_bf16_even_odd(x + i, z[0], z[1]);
+        load_bf16_even_odd(x + i + 2 * kLanes, z[2], z[3]);
+        for (int k = 0; k < kUnroll; ++k) z[k] = at::vec::fmadd(z[k], s, b);
+        if constexpr (kSilu) silu_lanes_from_exponent<kUnroll>(z);
+        store_bf16_even_odd(y + i, z[0], z[1]);
+        store_bf16_even_odd(y + i + 2 * kLanes, z[2], z[3]);
+        continue;
+      }
+#endif
       if constexpr (same_over_step<P>()) {
         const Vec s = scale.vec(i), b = shift.vec(i);
         for (int k = 0; k < kUnroll; ++k) {
