@@ -80,3 +80,29 @@ def test_weights_made_in_inference_mode() -> None:
 
 def test_state_dict_is_the_plain_conv() -> None:
     assert set(Upsample(4).state_dict()) == {"conv.weight", "conv.bias"}
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_target_size(channels_last: bool) -> None:
+    # 2x given explicitly is the folded path, bit for bit; other sizes (an odd skip: 2h - 1)
+    # are nearest interpolation to that size, then the convolution.
+    torch.manual_seed(5)
+    up = Upsample(8).double()
+    x = torch.randn(2, 8, 5, 4, dtype=torch.float64)
+    if channels_last:
+        x, up = x.to(memory_format=torch.channels_last), up.to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        assert torch.equal(up(x, (10, 8)), up(x))
+        for size in [(9, 8), (10, 7), (9, 7)]:
+            ref = up.conv(F.interpolate(x, size=size, mode="nearest"))
+            torch.testing.assert_close(up(x, size), ref, rtol=1e-12, atol=1e-12)
+            # nearest to 2h - 1 is the 2x image without its last row: rows repeat in pairs
+            crop = F.interpolate(x, scale_factor=2.0, mode="nearest")[:, :, :size[0], :size[1]]
+            assert torch.equal(F.interpolate(x, size=size, mode="nearest"), crop)
+
+
+def test_target_size_gradients() -> None:
+    torch.manual_seed(6)
+    up = Upsample(3).double()
+    x = torch.randn(1, 3, 4, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: up(t, (7, 5)), (x,))

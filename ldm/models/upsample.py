@@ -61,7 +61,8 @@ def upsample_conv(x: Tensor, kernels: Tensor, bias: Tensor | None) -> Tensor:
 class Upsample(nn.Module):
     """Nearest 2x upsampling then a 3x3 convolution (key `conv`; U-Net and VAE alike).
 
-    Computed by `upsample_conv`. Without gradients the folded kernels are cached and refolded
+    Computed by `upsample_conv`; a target size other than 2x (given to forward) takes the
+    direct form, nearest interpolation to that size then the convolution. Without gradients the folded kernels are cached and refolded
     when the weight changes (in-place update, dtype, device or memory-format change).
     """
 
@@ -85,5 +86,11 @@ class Upsample(nn.Module):
             self._folded = (key, phase_kernels(weight.detach()).contiguous(memory_format=fmt))
         return self._folded[1]
 
-    def forward(self, x: Tensor) -> Tensor:
-        return upsample_conv(x, self._kernels(is_channels_last(x)), self.conv.bias)
+    def forward(self, x: Tensor, size: tuple[int, int] | None = None) -> Tensor:
+        """Upsample to `size` (default: 2x) with nearest neighbours, then convolve."""
+        if size is None or tuple(size) == (2 * x.shape[-2], 2 * x.shape[-1]):
+            return upsample_conv(x, self._kernels(is_channels_last(x)), self.conv.bias)
+        # Any other size (the U-Net's odd skips: 2h - 1 rows) changes the phases at the far
+        # border, where the 3x3 window meets zero padding instead of a repeated row; the
+        # direct form is exact there and such sizes are rare.
+        return self.conv(F.interpolate(x, size=tuple(size), mode="nearest"))
