@@ -2,7 +2,8 @@
 
 A full checkpoint is SD's LatentDiffusion state dict: each network under its prefix below,
 the 12 schedule buffers at the top level, optional EMA weights of the U-Net as
-`model_ema.<key without dots>` (LitEma's naming). Our files are safetensors with the
+`model_ema.<key without dots>` (LitEma's naming), and for the x4 upscaler the 8 buffers of
+its noise augmentation under `low_scale_model.` (LatentUpscaleDiffusion.low_scale_model). Our files are safetensors with the
 ModelConfig as JSON in the metadata key "ldm_config", so a checkpoint rebuilds its model.
 Reading never executes code: safetensors, or torch.load(weights_only=True).
 """
@@ -30,6 +31,8 @@ PREFIXES = {
     "text_encoder": "cond_stage_model.",
 }
 EMA_PREFIX = "model_ema."
+LOW_SCALE_PREFIX = "low_scale_model."
+FIRST_CONV = "input_blocks.0.0.weight"  # U-Net key whose in-channels tell the conditioning
 EMA_UNET_ROOT = "diffusion_model."  # LitEma names start from LatentDiffusion.model
 CONFIG_METADATA_KEY = "ldm_config"
 _SHOW = 5  # keys listed per kind of mismatch
@@ -172,16 +175,49 @@ def family_hint(tensors: dict[str, Tensor], config: ModelConfig | None) -> str:
     return ""
 
 
+def detect_conditioning(tensors: dict[str, Tensor]) -> str | None:
+    """'upscale', 'inpaint' or 'crossattn' from the U-Net's keys (None without a U-Net)."""
+    if any(k.startswith(LOW_SCALE_PREFIX) for k in tensors) or \
+            PREFIXES["unet"] + "label_emb.weight" in tensors:
+        return "upscale"
+    first, out = tensors.get(PREFIXES["unet"] + FIRST_CONV), tensors.get(PREFIXES["unet"] + "out.2.weight")
+    if first is None or out is None or first.ndim != 4 or out.ndim != 4:
+        return None
+    # inpainting: latent + mask (1) + masked-image latent, both latents as wide as the output
+    return "inpaint" if first.shape[1] == 1 + 2 * out.shape[0] else "crossattn"
+
+
+_CONDITIONING_NAMES = {"crossattn": ("a text-to-image", "configs/sd2.yaml or configs/sd1.yaml"),
+                       "inpaint": ("an inpainting", "configs/sd2-inpainting.yaml"),
+                       "upscale": ("an x4 upscaler", "configs/x4-upscaler.yaml")}
+
+
+def conditioning_hint(tensors: dict[str, Tensor], config: ModelConfig | None) -> str:
+    """A hint naming the U-Net's input channels when checkpoint and config are different kinds
+    of model (inpainting, upscaler, text-to-image)."""
+    found = detect_conditioning(tensors)
+    if config is None or found is None or found == config.conditioning:
+        return ""
+    first = tensors.get(PREFIXES["unet"] + FIRST_CONV)
+    channels = first.shape[1] if first is not None and first.ndim == 4 else "?"
+    what, use = _CONDITIONING_NAMES[found]
+    return (f"; the checkpoint's U-Net takes {channels} input channels, the config's "
+            f"{config.unet.in_channels} (conditioning {config.conditioning!r}): this is {what} "
+            f"checkpoint, use {what} config ({use})")
+
+
 def collect_state_dict(autoencoder: nn.Module | None = None, unet: nn.Module | None = None,
                        text_encoder: nn.Module | None = None,
                        schedule_buffers: dict[str, Tensor] | None = None,
-                       ema_unet: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+                       ema_unet: dict[str, Tensor] | None = None,
+                       low_scale_buffers: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
     """The full checkpoint dict in SD's layout from whichever parts are given."""
     out: dict[str, Tensor] = {}
     for name, module in (("autoencoder", autoencoder), ("unet", unet), ("text_encoder", text_encoder)):
         if module is not None:
             out.update({PREFIXES[name] + k: v for k, v in module.state_dict().items()})
     out.update(schedule_buffers or {})
+    out.update({LOW_SCALE_PREFIX + k: v for k, v in (low_scale_buffers or {}).items()})
     out.update({ema_key(k): v for k, v in (ema_unet or {}).items()})
     return out
 

@@ -57,7 +57,9 @@ class UNetConfig:
     context_dim: int = 768
     use_linear_in_transformer: bool = False
     dropout: float = 0.0
-    gradient_checkpointing: bool = False
+    num_classes: int | None = None          # label_emb rows (the x4 upscaler's noise level)
+    disable_self_attentions: list[bool] | None = None  # per level: attn1 attends to the context
+    disable_middle_self_attn: bool = False
 
 
 @dataclass
@@ -87,12 +89,72 @@ class DiffusionConfig:
 
 
 @dataclass
+class NoiseAugmentationConfig:
+    """The upscaler's low-res image noising (SD's ImageConcatWithNoiseAugmentation): its own
+    forward process, applied in pixel space at a chosen noise level."""
+    num_timesteps: int = 1000
+    beta_schedule: str = "scaled_linear"    # SD's "linear" (its register_schedule default)
+    linear_start: float = 1e-4
+    linear_end: float = 2e-2
+    cosine_s: float = 8e-3
+    max_noise_level: int = 350              # levels drawn in training are 0..max-1
+
+
+# What the U-Net sees besides x_t, t and the text context (SD's conditioning_key):
+#   crossattn: nothing else (LatentDiffusion).
+#   inpaint:   input cat([x_t, mask (1), masked-image latent (embed_dim)]) (LatentInpaintDiffusion).
+#   upscale:   input cat([x_t, noise-augmented low-res image in pixel space (3)]) and the noise
+#              level as the class label y (LatentUpscaleDiffusion, hybrid-adm).
+CONDITIONINGS = ("crossattn", "inpaint", "upscale")
+
+
+@dataclass
 class ModelConfig:
     """Everything needed to rebuild a text-to-image model from a checkpoint alone."""
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
     unet: UNetConfig = field(default_factory=UNetConfig)
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    conditioning: str = "crossattn"         # one of CONDITIONINGS
+    noise_augmentation: NoiseAugmentationConfig | None = None  # upscale only
+
+    @property
+    def concat_channels(self) -> int:
+        """Channels concatenated to the latent x_t at the U-Net's input."""
+        if self.conditioning == "inpaint":
+            return 1 + self.autoencoder.embed_dim
+        if self.conditioning == "upscale":
+            return self.autoencoder.in_channels
+        return 0
+
+
+def check_model_config(config: ModelConfig) -> None:
+    """Cross-field rules of a ModelConfig (conditioning vs. U-Net inputs); ConfigError if broken."""
+    kind, unet = config.conditioning, config.unet
+    if kind not in CONDITIONINGS:
+        raise ConfigError(f"conditioning {kind!r} is unknown; allowed: {', '.join(CONDITIONINGS)}")
+    expected = config.autoencoder.embed_dim + config.concat_channels
+    if unet.in_channels != expected:
+        extra = {"crossattn": "", "inpaint": " + mask 1 + masked-image latent "
+                 f"{config.autoencoder.embed_dim}", "upscale": " + low-res image "
+                 f"{config.autoencoder.in_channels}"}[kind]
+        raise ConfigError(f"unet.in_channels {unet.in_channels} does not fit conditioning {kind!r}: "
+                          f"expected {expected} (latent {config.autoencoder.embed_dim}{extra})")
+    upscale = kind == "upscale"
+    if upscale != (config.noise_augmentation is not None):
+        raise ConfigError("noise_augmentation is required with conditioning 'upscale' and "
+                          "allowed only there")
+    if upscale != (unet.num_classes is not None):
+        raise ConfigError("unet.num_classes (the noise-level embedding) is required with "
+                          "conditioning 'upscale' and allowed only there")
+    if upscale and config.noise_augmentation.max_noise_level > min(
+            unet.num_classes, config.noise_augmentation.num_timesteps):
+        raise ConfigError(f"noise_augmentation.max_noise_level {config.noise_augmentation.max_noise_level} "
+                          f"exceeds unet.num_classes {unet.num_classes} or the augmentation's timesteps")
+    flags = unet.disable_self_attentions
+    if flags is not None and len(flags) != len(unet.channel_mult):
+        raise ConfigError(f"unet.disable_self_attentions needs one entry per level "
+                          f"({len(unet.channel_mult)}), got {len(flags)}")
 
 
 def _convert(tp: Any, value: Any, where: str) -> Any:
@@ -143,8 +205,17 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
     return value
 
 
+# Keys that configs once held and that are accepted and dropped, so checkpoints whose stored
+# config has them still load. unet.gradient_checkpointing was a training-time switch kept in
+# the model config; it lives in the training run's settings (run.gradient_checkpointing) and
+# never changed the weights or the outputs.
+_RETIRED_KEYS: dict[type, frozenset[str]] = {UNetConfig: frozenset({"gradient_checkpointing"})}
+
+
 def from_dict(cls: type[T], data: dict[str, Any], where: str = "config") -> T:
     """Build dataclass `cls` from a mapping; unknown keys and wrong types raise ConfigError."""
+    retired = _RETIRED_KEYS.get(cls, frozenset())
+    data = {k: v for k, v in data.items() if k not in retired}
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)

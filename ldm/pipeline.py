@@ -4,13 +4,12 @@ from __future__ import annotations
 import json
 import warnings
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ldm import checkpoint as ckpt
-from ldm.config import ConfigError, ModelConfig, load_yaml, parse_yaml
+from ldm.config import ConfigError, ModelConfig, check_model_config, load_yaml, parse_yaml
 from ldm.errors import CheckpointError, LdmError
 
 
@@ -41,6 +40,11 @@ def resolve_config(config: ModelConfig | str | Path | None,
     if stored is not None:
         return stored
     family = ckpt.detect_family(tensors or {})
+    kind = ckpt.detect_conditioning(tensors or {})
+    if family == "sd2" and kind == "upscale":
+        return PRESETS["x4-upscaler"]()
+    if family == "sd2" and kind == "inpaint":
+        return PRESETS["sd2-inpainting"]()
     if family == "sd1":
         return PRESETS["sd1"]()
     if family == "sd2":
@@ -74,9 +78,7 @@ def build_networks(config: ModelConfig) -> tuple[nn.Module, nn.Module, nn.Module
     if width not in (-1, config.unet.context_dim):
         raise ConfigError(f"unet.context_dim {config.unet.context_dim} must equal the text "
                           f"encoder's width {width}")
-    if config.unet.in_channels != config.autoencoder.embed_dim:
-        raise ConfigError(f"unet.in_channels {config.unet.in_channels} must equal "
-                          f"autoencoder.embed_dim {config.autoencoder.embed_dim}")
+    check_model_config(config)
     try:
         return AutoencoderKL(config.autoencoder), UNetModel(config.unet), build_text_encoder(config.text_encoder)
     except ValueError as err:
@@ -89,6 +91,7 @@ class Pipeline:
     def __init__(self, autoencoder: nn.Module, unet: nn.Module, text_encoder: nn.Module,
                  config: ModelConfig, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32) -> None:
+        from ldm.diffusion.noise_augmentation import make_noise_augmentation
         from ldm.diffusion.schedule import make_schedule
         self.config = config
         self.device, self.dtype = torch.device(device), dtype
@@ -96,6 +99,9 @@ class Pipeline:
         self.unet = unet.to(device=self.device, dtype=dtype)
         self.text_encoder = text_encoder.to(device=self.device, dtype=dtype)
         self.schedule = make_schedule(config.diffusion)
+        # The upscaler's low-res noising (None for other models); see noise_low_res.
+        self.noise_augmentation = (make_noise_augmentation(config.noise_augmentation)
+                                   if config.noise_augmentation is not None else None)
 
     @classmethod
     def from_config(cls, config: ModelConfig | str | Path, device: str | torch.device = "cpu",
@@ -124,10 +130,11 @@ class Pipeline:
         modules = {"autoencoder": autoencoder, "unet": unet, "text_encoder": text_encoder}
         problems = [p for name, module in modules.items()
                     for p in ckpt.mismatch_report(module, weights[name], ckpt.PREFIXES[name])]
-        problems += _unexpected_top_level(tensors)
+        problems += _unexpected_top_level(tensors, config)
         if problems:
             raise CheckpointError(f"{path} does not match the config: {'; '.join(problems)}"
-                                  f"{ckpt.family_hint(tensors, config)}")
+                                  f"{ckpt.family_hint(tensors, config)}"
+                                  f"{ckpt.conditioning_hint(tensors, config)}")
         for name, module in modules.items():
             ckpt.load_strict(module, weights[name], name)
             ckpt.check_no_meta(module, name)
@@ -138,16 +145,24 @@ class Pipeline:
         return pipe
 
     def check_schedule_buffers(self, tensors: dict[str, Tensor], where: str) -> None:
-        """The checkpoint's schedule buffers (when present) must be those of config.diffusion."""
+        """The checkpoint's schedule buffers (when present) must be those of config.diffusion,
+        and the upscaler's low_scale_model.* buffers those of config.noise_augmentation."""
+        from ldm.diffusion.noise_augmentation import low_scale_buffers
         from ldm.diffusion.schedule import sd_buffers
-        for name, ours in sd_buffers(self.schedule, torch.float64).items():
+        expected = {name: (ours, "config.diffusion") for name, ours in
+                    sd_buffers(self.schedule, torch.float64).items()}
+        if self.noise_augmentation is not None:
+            expected.update({ckpt.LOW_SCALE_PREFIX + name: (ours, "config.noise_augmentation")
+                             for name, ours in low_scale_buffers(self.noise_augmentation,
+                                                                 torch.float64).items()})
+        for name, (ours, source) in expected.items():
             if name not in tensors:
                 continue
             theirs = tensors[name].double()
             if theirs.shape != ours.shape or \
                     (theirs - ours).abs().max() > 1e-4 * ours.abs().max():
                 raise CheckpointError(f"{where}: schedule buffer {name!r} differs from the one "
-                                      "config.diffusion gives (timesteps/beta schedule mismatch)")
+                                      f"{source} gives (timesteps/beta schedule mismatch)")
 
     def to(self, device: str | torch.device | None = None,
            dtype: torch.dtype | None = None) -> "Pipeline":
@@ -187,31 +202,24 @@ class Pipeline:
 
     @property
     def latent_channels(self) -> int:
-        """Channels of the latent the U-Net denoises."""
-        return self.config.unet.in_channels
+        """Channels of the latent the U-Net denoises (its input also holds config.concat_channels)."""
+        return self.config.autoencoder.embed_dim
 
     @property
     def downsampling_factor(self) -> int:
         """Image size / latent size."""
         return self.autoencoder.downsampling_factor
 
-    def sample(self, *args: Any, **kwargs: Any) -> Any:
-        """See ldm.generate.sample."""
-        from ldm import generate
-        return generate.sample(self, *args, **kwargs)
-
-    def txt2img(self, *args: Any, **kwargs: Any) -> Any:
-        """See ldm.generate.txt2img."""
-        from ldm import generate
-        return generate.txt2img(self, *args, **kwargs)
-
     # ------------------------------------------------------------ saving
 
     def state_dict(self, ema_unet: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
         """The full checkpoint dict in SD's layout, schedule buffers included."""
+        from ldm.diffusion.noise_augmentation import low_scale_buffers
         from ldm.diffusion.schedule import sd_buffers
+        low_scale = (low_scale_buffers(self.noise_augmentation)
+                     if self.noise_augmentation is not None else None)
         return ckpt.collect_state_dict(self.autoencoder, self.unet, self.text_encoder,
-                                       sd_buffers(self.schedule), ema_unet)
+                                       sd_buffers(self.schedule), ema_unet, low_scale)
 
     def save(self, path: str | Path, ema_unet: dict[str, Tensor] | None = None,
              metadata: dict[str, str] | None = None) -> None:
@@ -220,10 +228,14 @@ class Pipeline:
                               {**(metadata or {}), **ckpt.config_metadata(self.config)})
 
 
-def _unexpected_top_level(tensors: dict[str, Tensor]) -> list[str]:
+def _unexpected_top_level(tensors: dict[str, Tensor], config: ModelConfig) -> list[str]:
+    from ldm.diffusion.noise_augmentation import LOW_SCALE_BUFFER_NAMES
     from ldm.diffusion.schedule import SD_BUFFER_NAMES
     allowed = tuple(ckpt.PREFIXES.values()) + (ckpt.EMA_PREFIX,)
-    extra = [k for k in tensors if not k.startswith(allowed) and k not in SD_BUFFER_NAMES]
+    buffers = set(SD_BUFFER_NAMES)
+    if config.noise_augmentation is not None:  # LatentUpscaleDiffusion.low_scale_model
+        buffers |= {ckpt.LOW_SCALE_PREFIX + name for name in LOW_SCALE_BUFFER_NAMES}
+    extra = [k for k in tensors if not k.startswith(allowed) and k not in buffers]
     return [ckpt.format_keys("unexpected", extra)] if extra else []
 
 

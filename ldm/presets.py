@@ -1,12 +1,13 @@
-"""The Stable Diffusion model configs (v1-inference.yaml, v2-inference[-v].yaml) as ModelConfigs.
+"""The Stable Diffusion model configs as ModelConfigs: v1-inference.yaml, v2-inference[-v].yaml,
+v2-inpainting-inference.yaml and x4-upscaling.yaml.
 
-configs/sd1.yaml, sd2.yaml and sd2-v.yaml mirror these (a test keeps them equal); they are
-also what a checkpoint without a config is assumed to be once its family is detected.
+configs/<name>.yaml mirror these (a test keeps them equal); they are also what a checkpoint
+without a config is assumed to be once its family and conditioning are detected.
 """
 from __future__ import annotations
 
-from ldm.config import (AutoencoderConfig, DiffusionConfig, ModelConfig, TextEncoderConfig,
-                        UNetConfig)
+from ldm.config import (AutoencoderConfig, DiffusionConfig, ModelConfig, NoiseAugmentationConfig,
+                        TextEncoderConfig, UNetConfig)
 
 
 def sd_autoencoder() -> AutoencoderConfig:
@@ -38,4 +39,31 @@ def sd2(prediction_type: str = "eps") -> ModelConfig:
         diffusion=DiffusionConfig(prediction_type=prediction_type))
 
 
-PRESETS = {"sd1": sd1, "sd2": sd2, "sd2-v": lambda: sd2("v")}
+def sd2_inpainting() -> ModelConfig:
+    """SD 2 inpainting: SD 2.x base (eps) whose U-Net also takes the mask and masked-image latent."""
+    config = sd2("eps")
+    config.unet.in_channels = 4 + 1 + 4
+    config.conditioning = "inpaint"
+    return config
+
+
+def x4_upscaler() -> ModelConfig:
+    """SD x4 upscaler: f=4 VAE (scale 0.08333), 256-channel U-Net on [latent, noisy low-res RGB]
+    with the noise level as class label, v prediction on SD's "linear" 1e-4..2e-2 schedule."""
+    return ModelConfig(
+        autoencoder=AutoencoderConfig(ch=128, ch_mult=[1, 2, 4], num_res_blocks=2, attn_resolutions=[],
+                                      z_channels=4, embed_dim=4, resolution=256),
+        unet=UNetConfig(in_channels=4 + 3, model_channels=256, channel_mult=[1, 2, 2, 4],
+                        num_res_blocks=2, attention_resolutions=[2, 4, 8], num_heads=8,
+                        num_head_channels=-1, context_dim=1024, use_linear_in_transformer=True,
+                        num_classes=1000, disable_self_attentions=[True, True, True, False]),
+        text_encoder=TextEncoderConfig(kind="open_clip", arch="ViT-H-14", layer="penultimate"),
+        diffusion=DiffusionConfig(beta_schedule="scaled_linear", linear_start=1e-4, linear_end=2e-2,
+                                  prediction_type="v", scale_factor=0.08333),
+        conditioning="upscale",
+        noise_augmentation=NoiseAugmentationConfig(beta_schedule="scaled_linear", linear_start=1e-4,
+                                                   linear_end=2e-2, max_noise_level=350))
+
+
+PRESETS = {"sd1": sd1, "sd2": sd2, "sd2-v": lambda: sd2("v"), "sd2-inpainting": sd2_inpainting,
+           "x4-upscaler": x4_upscaler}

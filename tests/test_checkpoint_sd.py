@@ -9,10 +9,10 @@ from ldm import checkpoint as ckpt
 from ldm.config import ConfigError
 from ldm.errors import CheckpointError
 from ldm.pipeline import resolve_config
-from ldm.presets import sd1, sd2
+from ldm.presets import sd1, sd2, sd2_inpainting, x4_upscaler
 from ldm.sd_yaml import load_sd_yaml, translate_sd_yaml
+from conftest import FIXTURES
 
-FIXTURES = Path("/work/shared/fixtures")
 SD2_YAML = FIXTURES / "sd2_dev" / "tiny_dev.yaml"
 SD1_YAML = FIXTURES / "sd1_dev" / "tiny_sd1.yaml"
 pytestmark = pytest.mark.skipif(not FIXTURES.is_dir(), reason="reference fixtures not present")
@@ -62,6 +62,117 @@ def test_v1_inference_yaml_equals_our_sd1_config():
     assert translate_sd_yaml(data) == sd1()
 
 
+def test_v2_inpainting_inference_yaml_equals_our_config():
+    data = _v2_inference()
+    data["model"]["target"] = "ldm.models.diffusion.ddpm.LatentInpaintDiffusion"
+    params = data["model"]["params"]
+    params.update(conditioning_key="hybrid", finetune_keys=None)
+    params["unet_config"]["params"]["in_channels"] = 9
+    del params["unet_config"]["params"]["use_fp16"]
+    assert translate_sd_yaml(data) == sd2_inpainting()
+    params["unet_config"]["params"]["in_channels"] = 4  # a text-to-image U-Net cannot inpaint
+    with pytest.raises(ConfigError, match="in_channels 4 does not fit conditioning 'inpaint'"):
+        translate_sd_yaml(data)
+
+
+# The networks part of Stability-AI's x4-upscaling.yaml.
+_X4_UPSCALING = """
+model:
+  base_learning_rate: 1.0e-04
+  target: ldm.models.diffusion.ddpm.LatentUpscaleDiffusion
+  params:
+    parameterization: "v"
+    low_scale_key: "lr"
+    linear_start: 0.0001
+    linear_end: 0.02
+    num_timesteps_cond: 1
+    log_every_t: 200
+    timesteps: 1000
+    first_stage_key: "jpg"
+    cond_stage_key: "txt"
+    image_size: 128
+    channels: 4
+    cond_stage_trainable: false
+    conditioning_key: "hybrid-adm"
+    monitor: val/loss_simple_ema
+    scale_factor: 0.08333
+    use_ema: False
+    low_scale_config:
+      target: ldm.modules.diffusionmodules.upscaling.ImageConcatWithNoiseAugmentation
+      params:
+        noise_schedule_config: # image space
+          linear_start: 0.0001
+          linear_end: 0.02
+        max_noise_level: 350
+    unet_config:
+      target: ldm.modules.diffusionmodules.openaimodel.UNetModel
+      params:
+        use_checkpoint: True
+        num_classes: 1000  # timesteps for noise conditioning (here constant, just need one)
+        image_size: 128
+        in_channels: 7
+        out_channels: 4
+        model_channels: 256
+        attention_resolutions: [ 2,4,8]
+        num_res_blocks: 2
+        channel_mult: [ 1, 2, 2, 4]
+        disable_self_attentions: [True, True, True, False]
+        disable_middle_self_attn: False
+        num_heads: 8
+        use_spatial_transformer: True
+        transformer_depth: 1
+        context_dim: 1024
+        legacy: False
+        use_linear_in_transformer: True
+    first_stage_config:
+      target: ldm.models.autoencoder.AutoencoderKL
+      params:
+        embed_dim: 4
+        ddconfig:
+          double_z: True
+          z_channels: 4
+          resolution: 256
+          in_channels: 3
+          out_ch: 3
+          ch: 128
+          ch_mult: [ 1,2,4 ]  # num_down = len(ch_mult)-1
+          num_res_blocks: 2
+          attn_resolutions: [ ]
+          dropout: 0.0
+        lossconfig:
+          target: torch.nn.Identity
+    cond_stage_config:
+      target: ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder
+      params:
+        freeze: True
+        layer: "penultimate"
+"""
+
+
+def test_x4_upscaling_yaml_equals_our_config():
+    assert translate_sd_yaml(yaml.safe_load(_X4_UPSCALING)) == x4_upscaler()
+    data = yaml.safe_load(_X4_UPSCALING)
+    data["model"]["params"]["conditioning_key"] = "hybrid"
+    with pytest.raises(ConfigError, match="conditioning_key 'hybrid' is not supported with "
+                                          "LatentUpscaleDiffusion"):
+        translate_sd_yaml(data)
+    data = yaml.safe_load(_X4_UPSCALING)
+    data["model"]["target"] = "ldm.models.diffusion.ddpm.LatentDepth2ImageDiffusion"
+    with pytest.raises(ConfigError, match="LatentDepth2ImageDiffusion.*is not one of"):
+        translate_sd_yaml(data)
+
+
+def test_plain_latent_diffusion_refuses_upscaler_options():
+    data = _v2_inference()
+    data["model"]["params"]["unet_config"]["params"]["num_classes"] = 1000
+    with pytest.raises(ConfigError, match="num_classes.*allowed only there"):
+        translate_sd_yaml(data)
+    data = _v2_inference()
+    data["model"]["params"]["low_scale_config"] = {}
+    with pytest.raises(ConfigError, match="unsupported key.*low_scale_config"):
+        translate_sd_yaml(data)
+
+
 def test_tiny_yaml_translation():
     sd2_cfg = load_sd_yaml(SD2_YAML)
     assert sd2_cfg.text_encoder.kind == "open_clip" and sd2_cfg.text_encoder.layer == "penultimate"
@@ -104,6 +215,12 @@ def test_detect_family_and_presets():
     assert resolve_config(None, tensors1, {}) == sd1()
     with pytest.warns(UserWarning, match="assuming SD 2.x"):
         assert resolve_config(None, tensors2, {}) == sd2()
+    inpaint, _ = ckpt.read_checkpoint(FIXTURES / "editing_dev" / "tiny_inpaint.safetensors")
+    x4, _ = ckpt.read_checkpoint(FIXTURES / "editing_dev" / "tiny_x4.safetensors")
+    assert [ckpt.detect_conditioning(t) for t in (tensors1, tensors2, inpaint, x4)] == \
+        ["crossattn", "crossattn", "inpaint", "upscale"]
+    assert resolve_config(None, inpaint, {}) == sd2_inpainting()
+    assert resolve_config(None, x4, {}) == x4_upscaler()
 
 
 def test_checkpoint_config_mismatch_names_keys_and_family():

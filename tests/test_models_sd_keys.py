@@ -1,5 +1,4 @@
 """Full-size SD models built from configs/*.yaml on the meta device: exact SD keys, shapes, counts."""
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -9,20 +8,25 @@ import torch
 
 from ldm import checkpoint as ckpt
 from ldm.config import ModelConfig, load_yaml
+from ldm.diffusion.noise_augmentation import low_scale_buffers, make_noise_augmentation
 from ldm.diffusion.schedule import make_schedule, sd_buffers
 from ldm.models.layers import count_parameters
 from ldm.pipeline import build_networks
 from ldm.presets import PRESETS
+from conftest import FIXTURES, load_script
 
-KEYS = Path("/work/shared/fixtures/keys")
+KEYS = FIXTURES / "keys"
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def meta_state_dict(config: ModelConfig) -> dict[str, torch.Tensor]:
     with torch.device("meta"):
         autoencoder, unet, text_encoder = build_networks(config)
+    low_scale = (low_scale_buffers(make_noise_augmentation(config.noise_augmentation))
+                 if config.noise_augmentation is not None else None)
     return ckpt.collect_state_dict(autoencoder, unet, text_encoder,
-                                   sd_buffers(make_schedule(config.diffusion)))
+                                   sd_buffers(make_schedule(config.diffusion)),
+                                   low_scale_buffers=low_scale)
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -32,7 +36,9 @@ def test_config_files_mirror_presets(name):
 
 @pytest.mark.skipif(not KEYS.is_dir(), reason="key fixtures not present")
 @pytest.mark.parametrize("name,keys_file", [("sd1", "sd1_keys.json"), ("sd2", "sd2_keys.json"),
-                                            ("sd2-v", "sd2_keys.json")])
+                                            ("sd2-v", "sd2_keys.json"),
+                                            ("sd2-inpainting", "sd2_inpainting_keys.json"),
+                                            ("x4-upscaler", "x4_upscaler_keys.json")])
 def test_full_size_keys_and_shapes(name, keys_file):
     expected = json.loads((KEYS / keys_file).read_text())["keys"]
     ours = meta_state_dict(load_yaml(ModelConfig, ROOT / "configs" / f"{name}.yaml"))
@@ -54,9 +60,7 @@ def test_published_parameter_counts(name, unet_params):
 
 
 def test_count_params_script(capsys, monkeypatch):
-    spec = importlib.util.spec_from_file_location("count_params", ROOT / "scripts" / "count_params.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("count_params")
     monkeypatch.setattr(sys, "argv", ["count_params.py"])
     assert script.main() == 0
     out = capsys.readouterr().out

@@ -77,18 +77,24 @@ class FeedForward(nn.Module):
 
 
 class BasicTransformerBlock(nn.Module):
-    """Pre-norm self-attention, cross-attention to the context, feed-forward; all residual."""
+    """Pre-norm self-attention, cross-attention to the context, feed-forward; all residual.
+
+    With `disable_self_attn` the first attention also attends to the context instead of x
+    (SD's x4 upscaler at its high-resolution levels; attention.py BasicTransformerBlock).
+    """
 
     def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int,
-                 dropout: float = 0.0) -> None:
+                 dropout: float = 0.0, disable_self_attn: bool = False) -> None:
         super().__init__()
-        self.attn1 = CrossAttention(dim, None, heads, dim_head, dropout)
+        self.disable_self_attn = disable_self_attn
+        self.attn1 = CrossAttention(dim, context_dim if disable_self_attn else None, heads,
+                                    dim_head, dropout)
         self.ff = FeedForward(dim, dropout=dropout)
         self.attn2 = CrossAttention(dim, context_dim, heads, dim_head, dropout)
         self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
 
     def forward(self, x: Tensor, context: Tensor) -> Tensor:
-        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn1(self.norm1(x), context if self.disable_self_attn else None)
         x = x + self.attn2(self.norm2(x), context)
         return x + self.ff(self.norm3(x))
 
@@ -97,7 +103,8 @@ class SpatialTransformer(nn.Module):
     """Image-shaped transformer: norm, proj_in (1x1 conv or linear), blocks, proj_out, residual."""
 
     def __init__(self, channels: int, heads: int, dim_head: int, context_dim: int,
-                 depth: int = 1, use_linear: bool = False, dropout: float = 0.0) -> None:
+                 depth: int = 1, use_linear: bool = False, dropout: float = 0.0,
+                 disable_self_attn: bool = False) -> None:
         super().__init__()
         inner = heads * dim_head
         self.use_linear = use_linear
@@ -110,7 +117,8 @@ class SpatialTransformer(nn.Module):
             self.proj_in = nn.Conv2d(channels, inner, 1)
             self.proj_out = zero_module(nn.Conv2d(inner, channels, 1))
         self.transformer_blocks = nn.ModuleList(
-            BasicTransformerBlock(inner, heads, dim_head, context_dim, dropout) for _ in range(depth))
+            BasicTransformerBlock(inner, heads, dim_head, context_dim, dropout, disable_self_attn)
+            for _ in range(depth))
 
     def forward(self, x: Tensor, context: Tensor) -> Tensor:
         b, c, h, w = x.shape
