@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from ldm.train.cli import script_main
-from tests.train_helpers import TINY_LDM, TINY_VAE, make_folder
+from train_helpers import TINY_LDM, TINY_VAE, make_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow

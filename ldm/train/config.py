@@ -6,12 +6,8 @@ command line override it (`ldm.config.apply_overrides`).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TypeVar
 
-from ldm.config import (AutoencoderConfig, ConfigError, ModelConfig, load_yaml)
-
-T = TypeVar("T")
+from ldm.config import AutoencoderConfig, ConfigError, ModelConfig
 
 
 @dataclass
@@ -161,10 +157,3 @@ def validate(config: VAETrainConfig | LDMTrainConfig) -> None:
             raise ConfigError(f"ldm.caption_dropout must be in [0, 1], got {config.ldm.caption_dropout}")
         if not config.ldm.vae:
             raise ConfigError("ldm.vae is empty; give the stage-1 file (ldm.vae=path/to/vae.safetensors)")
-
-
-def load_train_config(cls: type[T], path: str | Path, overrides: list[str] | None = None) -> T:
-    """Read a training YAML strictly, apply overrides and validate."""
-    config = load_yaml(cls, path, overrides)
-    validate(config)
-    return config

@@ -16,7 +16,7 @@ from ldm.config import ConfigError, ModelConfig
 from ldm.diffusion.schedule import make_schedule, sd_buffers
 from ldm.errors import LdmError
 from ldm.models.autoencoder import DiagonalGaussian
-from ldm.models.unet import ResBlock
+from ldm.models.unet import TimestepSequential
 from ldm.pipeline import Pipeline
 from ldm.train.config import LDMTrainConfig
 from ldm.train.diffusion_loss import LossTerms, diffusion_loss
@@ -69,15 +69,14 @@ class LDMTask:
         self.autoencoder, ae_config, _ = ckpt.load_autoencoder(config.ldm.vae, device=device)
         self.autoencoder.requires_grad_(False)
         self.model_config = model_config_for(config, ae_config)
-        if config.run.gradient_checkpointing:
-            unet = dataclasses.replace(self.model_config.unet, gradient_checkpointing=True)
-            self.model_config = dataclasses.replace(self.model_config, unet=unet)
         # Seeded, so every rank starts from the same weights; a pretrained text tower
         # (model.text_encoder.weights) is loaded here too.
         fresh = Pipeline.from_config(self.model_config, device=device, seed=config.run.seed)
         self.net = DiffusionNet(fresh.unet, fresh.text_encoder)
-        if config.run.gradient_checkpointing:  # the transformers checkpoint themselves (config)
-            enable_gradient_checkpointing(self.net.unet, (ResBlock,))
+        if config.run.gradient_checkpointing:
+            # Whole input/middle/output blocks (res blocks with their transformers): one
+            # recomputation per block, and only the block inputs are kept.
+            enable_gradient_checkpointing(self.net.unet, (TimestepSequential,))
         if config.run.channels_last:
             self.net.unet.to(memory_format=torch.channels_last)
         self.scale_factor = self.model_config.diffusion.scale_factor
