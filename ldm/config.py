@@ -205,10 +205,9 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
     return value
 
 
-# Keys that configs once held and that are accepted and dropped, so checkpoints whose stored
-# config has them still load. unet.gradient_checkpointing was a training-time switch kept in
-# the model config; it lives in the training run's settings (run.gradient_checkpointing) and
-# never changed the weights or the outputs.
+# Keys accepted and dropped because configs stored in existing checkpoints hold them.
+# unet.gradient_checkpointing: a training-time switch (run.gradient_checkpointing applies it to
+# the modules); it changes neither weights nor outputs, so it has no place in a model config.
 _RETIRED_KEYS: dict[type, frozenset[str]] = {UNetConfig: frozenset({"gradient_checkpointing"})}
 
 
