@@ -195,19 +195,41 @@ def test_resume_with_a_different_model_is_a_clear_error(tmp_path):
         Trainer(other, run, EMAConfig(), DistInfo(), tmp_path, {}, batches_from, resume=str(tmp_path))
 
 
-def test_gradient_checkpointing_keeps_gradients():
+@pytest.mark.parametrize("size", [8, 7])
+def test_gradient_checkpointing_keeps_gradients(size: int):
+    # The U-Net's blocks as LDMTask wraps them; an odd side also sends the upsample's
+    # target size through the checkpointed call.
     from ldm.config import UNetConfig
-    from ldm.models.unet import ResBlock, UNetModel
+    from ldm.models.unet import TimestepSequential, UNetModel
     from ldm.train.grad_checkpoint import enable_gradient_checkpointing
-    config = UNetConfig(model_channels=32, channel_mult=[1], attention_resolutions=[1], num_heads=2,
-                        context_dim=32)
+    config = UNetConfig(model_channels=32, channel_mult=[1, 2], num_res_blocks=1,
+                        attention_resolutions=[1], num_heads=2, context_dim=32)
     torch.manual_seed(0)
     plain = UNetModel(config)
-    torch.manual_seed(0)
+    for p in plain.parameters():  # zero-initialised output convs would leave most grads zero
+        nn.init.normal_(p, std=0.05)
     wrapped = UNetModel(config)
-    assert enable_gradient_checkpointing(wrapped, (ResBlock,)) > 0
-    x, t, ctx = torch.randn(2, 4, 8, 8), torch.tensor([1, 500]), torch.randn(2, 8, 32)
+    wrapped.load_state_dict(plain.state_dict())
+    assert enable_gradient_checkpointing(wrapped, (TimestepSequential,)) > 0
+    x, t, ctx = torch.randn(2, 4, size, size), torch.tensor([1, 500]), torch.randn(2, 8, 32)
     for net in (plain, wrapped):
         net(x, t, ctx).square().mean().backward()
+    assert plain.input_blocks[0][0].weight.grad.abs().max() > 0
     for p, q in zip(plain.parameters(), wrapped.parameters()):
         assert torch.allclose(p.grad, q.grad, atol=1e-6)
+
+
+def test_model_config_without_training_switches_and_old_flag_loads():
+    # Configs stored in existing checkpoints (the shipped one too) may hold
+    # unet.gradient_checkpointing: they load, the key dropped.
+    from safetensors import safe_open
+
+    from ldm import checkpoint as ckpt
+    from ldm.config import ModelConfig, UNetConfig, from_dict, to_dict
+    assert "gradient_checkpointing" not in to_dict(ModelConfig())["unet"]
+    old = from_dict(ModelConfig, {"unet": {"gradient_checkpointing": True, "model_channels": 64}})
+    assert old.unet == UNetConfig(model_channels=64)
+    asset = Path(__file__).resolve().parents[1] / "ldm" / "assets" / "shapes.safetensors"
+    with safe_open(str(asset), "pt") as f:
+        metadata = f.metadata()
+    assert ckpt.config_from_metadata(metadata).unet.channel_mult == [1, 2, 2]
