@@ -84,6 +84,8 @@ def test_bad_input_is_one_clear_line(capsys, tmp_path, folder):
     bare = make_folder(tmp_path / "bare", count=2, captions=False)
     _one_line_error(capsys, "vae", [*vae, f"data.path={bare}"], "have no caption")
     _one_line_error(capsys, "vae", [*vae, "run.nonsense=1"], "unknown key(s) nonsense")
+    _one_line_error(capsys, "vae", [*vae, f"data.path={folder}", "data.size=18",
+                                    "autoencoder.ch_mult=[1,2,2]"], "multiple of the autoencoder's factor 4")
     _one_line_error(capsys, "vae", [*vae, f"data.path={folder}", "loss.perceptual_weight=1.0",
                                     f"loss.lpips_vgg_path={tmp_path / 'vgg.pth'}"], "not downloaded")
     _one_line_error(capsys, "ldm", ["--resume", str(tmp_path / "nowhere")], "resume path does not exist")

@@ -148,6 +148,13 @@ def validate(config: VAETrainConfig | LDMTrainConfig) -> None:
         raise ConfigError(f"ema.decay must be in [0, 1), got {config.ema.decay}")
     if config.data.size < 8:
         raise ConfigError(f"data.size must be >= 8, got {config.data.size}")
+    if isinstance(config, VAETrainConfig):
+        # The encoder halves each side per level (rounding down after an odd side), so only
+        # multiples of the factor decode back to the input size the loss compares against.
+        factor = 2 ** (len(config.autoencoder.ch_mult) - 1)
+        if config.data.size % factor:
+            raise ConfigError(f"data.size {config.data.size} must be a multiple of the autoencoder's "
+                              f"factor {factor} (2 ** (len(autoencoder.ch_mult) - 1))")
     if isinstance(config, VAETrainConfig) and config.loss.disc_start >= 0:
         if config.data.size // 2 ** config.loss.disc_layers < 3:
             raise ConfigError(f"data.size {config.data.size} is too small for a {config.loss.disc_layers}-layer "
