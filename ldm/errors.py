@@ -8,3 +8,7 @@ class LdmError(Exception):
 
 class CheckpointError(LdmError):
     """A checkpoint that cannot be read, is unsafe, or does not match its model."""
+
+
+class SamplingError(LdmError, ValueError):
+    """Bad sampling options (steps, sampler, guidance, sizes, shapes)."""

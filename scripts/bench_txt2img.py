@@ -127,13 +127,15 @@ def run_peer_once(pipe: object, opts: argparse.Namespace) -> dict[str, float]:
 
 def run_once(pipe: object, opts: argparse.Namespace) -> dict[str, float]:
     """Seconds of one txt2img call, split into the networks and the rest."""
+    from ldm.inference import SamplingOptions, txt2img
     totals: dict[str, float] = {}
     targets = {"text encoder": (pipe.text_encoder, "encode"), "U-Net": (pipe.unet, "forward"),
                "VAE decode": (pipe.autoencoder, "decode")}
     with timed_methods(targets, totals):
         start = time.perf_counter()
-        pipe.txt2img(opts.prompt, height=opts.size, width=opts.size, steps=opts.steps,
-                     sampler=opts.sampler, guidance_scale=opts.scale, seed=0)
+        txt2img(pipe, SamplingOptions(prompt=opts.prompt, height=opts.size, width=opts.size,
+                                      steps=opts.steps, sampler=opts.sampler,
+                                      guidance_scale=opts.scale, seed=0))
         totals["total"] = time.perf_counter() - start
     totals["outside networks"] = totals["total"] - sum(totals[k] for k in targets)
     return totals
@@ -167,7 +169,7 @@ def main() -> None:
     pipe = load(opts.model, PRECISIONS[opts.precision], opts.channels_last, opts.compile)
     memory = PeakMemory()
     if opts.size is None:
-        from ldm.generate import default_image_size
+        from ldm.inference import default_image_size
         opts.size = default_image_size(pipe)
     if opts.warmup:  # a 1-step run at the same size: first-call allocations and kernel selection
         run_once(pipe, argparse.Namespace(**{**vars(opts), "steps": 1}))

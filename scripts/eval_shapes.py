@@ -111,21 +111,11 @@ def evaluate_dataset(args: argparse.Namespace) -> tuple[dict, dict, dict]:
 
 def generate_images(pipe, prompts: list[str], first_seed: int, args: argparse.Namespace) -> list[np.ndarray]:
     """RGB arrays for `prompts` (prompt k with seed first_seed + k), batched exactly as txt2img."""
-    import torch
-
-    from ldm.diffusion.noise import randn, seeded_generators
-    from ldm.generate import latents_to_images
-
-    with torch.inference_mode():
-        context = pipe.encode_prompt(prompts)
-        uncond = pipe.encode_prompt([""] * len(prompts)) if args.scale != 1 else None
-    factor = pipe.downsampling_factor
-    generators = seeded_generators(first_seed, len(prompts))
-    shape = (len(prompts), pipe.latent_channels, args.size // factor, args.size // factor)
-    x_T = randn(shape, generators, pipe.device, pipe.dtype)
-    latents = pipe.sample(context, uncond, x_T, steps=args.steps, sampler=args.sampler, eta=None,
-                          guidance_scale=args.scale, generator=generators)
-    return [np.asarray(image.convert("RGB")) for image in latents_to_images(pipe, latents)]
+    from ldm.inference import SamplingOptions, txt2img
+    options = SamplingOptions(prompt=tuple(prompts), steps=args.steps, sampler=args.sampler,
+                              guidance_scale=args.scale, height=args.size, width=args.size,
+                              seed=first_seed)
+    return [np.asarray(image.convert("RGB")) for image in txt2img(pipe, options)]
 
 
 def evaluate_model(args: argparse.Namespace) -> tuple[dict, dict, dict]:

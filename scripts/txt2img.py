@@ -15,16 +15,19 @@ import argparse
 import hashlib
 import io
 import json
-import math
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "ldm" / "assets" / "shapes.safetensors"
 PRECISIONS = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 PARAMETERS_KEY = "parameters"
+
+if TYPE_CHECKING:
+    from ldm.inference import SamplingOptions
 
 
 class UsageError(Exception):
@@ -111,23 +114,23 @@ def apply_png_parameters(args: argparse.Namespace, params: dict) -> None:
     args.only_index = params["index"]
 
 
+def sampling_options(args: argparse.Namespace) -> "SamplingOptions":
+    """The flags' sampling options (validated as they are built); the prompt is set per batch."""
+    from ldm.inference import SamplingOptions
+    return SamplingOptions(negative_prompt=args.negative_prompt, steps=args.steps,
+                           sampler=args.sampler, eta=args.ddim_eta, guidance_scale=args.scale,
+                           height=args.H, width=args.W, seed=args.seed,
+                           num_images=args.n_samples, vae_tile=args.vae_tile)
+
+
 def validate(args: argparse.Namespace) -> list[str]:
-    """Checks that need no model; returns the prompts."""
+    """Checks of the CLI's own flags that need no model; returns the prompts."""
     import torch
     for name in ("n_samples", "n_iter"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.n_rows < 0:
         raise UsageError(f"--n_rows must be >= 0, got {args.n_rows}")
-    if args.steps < 1:
-        raise UsageError(f"--steps must be >= 1, got {args.steps}")
-    if not (math.isfinite(args.scale) and 0 <= args.scale <= 100):
-        raise UsageError(f"--scale must be in 0..100, got {args.scale}")
-    if args.ddim_eta is not None and not (math.isfinite(args.ddim_eta) and 0 <= args.ddim_eta <= 1):
-        raise UsageError(f"--ddim_eta must be in 0..1, got {args.ddim_eta}")
-    for name in ("H", "W"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise UsageError(f"--{name} must be a positive number of pixels, got {getattr(args, name)}")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA GPU is available here (use --device cpu or auto)")
     args.device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
@@ -204,13 +207,16 @@ def make_grid(images: list, n_rows: int):
 
 def run(args: argparse.Namespace) -> None:
     """Generate and write every batch."""
+    from dataclasses import replace
+
     import torch
     from PIL.PngImagePlugin import PngInfo
     from tqdm import tqdm
 
     import ldm
-    from ldm import generate
+    from ldm.inference import resolve, txt2img
     prompts = validate(args)
+    options = sampling_options(args)
     ckpt = resolve_checkpoint(args)
     model_hash = file_sha256(ckpt)
     if getattr(args, "expected_hash", None) and args.expected_hash != model_hash:
@@ -218,35 +224,28 @@ def run(args: argparse.Namespace) -> None:
                          f"but {ckpt} is {model_hash[:12]} (pass the matching --ckpt)")
     dtype = getattr(torch, PRECISIONS[args.precision])
     pipe = ldm.load_pipeline(ckpt, config=args.config, device=args.device, dtype=dtype)
+    options = resolve(options, pipe)  # checked against the model before any work
     from ldm.runtime import prepare_pipeline, setup_cpu
     setup_cpu(dtype=dtype)  # keep freed activations mapped between steps (glibc mallopt)
     prepare_pipeline(pipe, compile=getattr(args, "compile", False))  # channels_last convolutions
-    height = args.H or generate.default_image_size(pipe)
-    width = args.W or generate.default_image_size(pipe)
-    generate.check_image_size(pipe, height, width)
-    generate.check_sampling_args(pipe, args.steps, args.sampler, args.scale, args.ddim_eta)
-    factor = pipe.downsampling_factor
-    vae_tile = generate.resolve_vae_tile((height // factor, width // factor), args.vae_tile)
     outdir, only = Path(args.outdir), getattr(args, "only_index", None)
     samples = outdir / "samples"
-    common = {"negative_prompt": args.negative_prompt, "sampler": args.sampler, "steps": args.steps,
-              "scale": args.scale, "eta": args.ddim_eta, "height": height, "width": width,
-              "batch_size": args.n_samples, "model": str(ckpt), "model_hash": model_hash,
-              "config": args.config, "precision": args.precision, "ldm_version": ldm.__version__,
-              "torch_version": torch.__version__, "vae_tile": vae_tile}
-    written, seed = [], args.seed
+    common = {"negative_prompt": options.negative_prompt, "sampler": options.sampler,
+              "steps": options.steps, "scale": options.guidance_scale, "eta": options.eta,
+              "height": options.height, "width": options.width, "batch_size": options.num_images,
+              "model": str(ckpt), "model_hash": model_hash, "config": args.config,
+              "precision": args.precision, "ldm_version": ldm.__version__,
+              "torch_version": torch.__version__, "vae_tile": options.vae_tile}
+    written, seed = [], options.seed
     graphs = None
     if getattr(args, "cuda_graph", False):
-        from ldm.cuda_graph import SamplingGraphs
+        from ldm.inference.cuda_graph import SamplingGraphs
         graphs = SamplingGraphs(pipe)  # captured once per shape, replayed for every batch
     for prompt in prompts:
         for _ in range(args.n_iter):
-            bar = tqdm(total=args.steps, desc=f"seed {seed}", leave=False)
-            images = generate.txt2img(pipe, prompt, args.negative_prompt, height, width, args.steps,
-                                      args.sampler, args.scale, args.ddim_eta, seed, args.n_samples,
-                                      callback=lambda i, x, d: bar.update(1), graphs=graphs,
-                                      vae_tile=vae_tile)
-            bar.close()
+            batch = replace(options, prompt=prompt, seed=seed)
+            with tqdm(total=batch.steps, desc=f"seed {seed}", leave=False) as bar:
+                images = txt2img(pipe, batch, callback=lambda i, x, d: bar.update(1), graphs=graphs)
             samples.mkdir(parents=True, exist_ok=True)  # only once there is something to write
             for k, image in enumerate(images):
                 if only is not None and k != only:
@@ -259,7 +258,7 @@ def run(args: argparse.Namespace) -> None:
                 info = PngInfo()
                 info.add_text(PARAMETERS_KEY, json.dumps({"prompt": prompt, "batch_seed": seed, **common}))
                 written.append(write_new_png(outdir, "grid-{:04d}.png", make_grid(images, args.n_rows), info))
-            seed += args.n_samples
+            seed += options.num_images
     print(f"wrote {len(written)} file(s): " + ", ".join(str(p) for p in written))
 
 

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from ldm._extension import fused_device_types
 from ldm.kernels.attention import attention_reference, flash_attention, uses_fused_attention
 from ldm.models.attention import CrossAttention
+from conftest import rel_l2
 
 pytestmark = pytest.mark.skipif("cpu" not in fused_device_types("flash_attention"),
                                 reason="ldm._C has no CPU flash_attention (not an AVX-512 build)")
@@ -20,10 +21,6 @@ def heads_view(batch: int, heads: int, length: int, dim: int, scale: float = 1.0
     """[B, H, L, D] as the U-Net makes it: a transposed view of [B, L, H * D] (not contiguous)."""
     x = torch.randn(batch, length, heads * dim) * scale
     return x.to(dtype).view(batch, length, heads, dim).transpose(1, 2)
-
-
-def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 SHAPES = [  # (B, H, N, M, D): tails in rows, keys (odd, < one chunk, > one block) and head size

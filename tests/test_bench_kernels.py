@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from ldm._extension import fused_device_types
+from conftest import load_script
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_kernels.py"
 
@@ -60,11 +61,7 @@ def test_bench_kernels_cold_cache_rotates_inputs():
 
 def test_pool_size_fills_the_cold_budget():
     """Hot mode reuses one input; cold mode rotates enough inputs to exceed --cold-mib."""
-    sys.path.insert(0, str(SCRIPT.parent))
-    try:
-        import bench_kernels
-    finally:
-        sys.path.pop(0)
+    bench_kernels = load_script("bench_kernels")
     hot = bench_kernels.parse_args(["--cache", "hot"])
     cold = bench_kernels.parse_args(["--cache", "cold", "--cold-mib", "64"])
     shape = (2, 320, 64, 64)  # 10 MiB in fp32, 5 MiB in bf16
@@ -76,11 +73,7 @@ def test_pool_size_fills_the_cold_budget():
 
 def test_target_rows_count_each_target_over_its_rows():
     """The targets summary counts met rows per target and skips targets with no rows."""
-    sys.path.insert(0, str(SCRIPT.parent))
-    try:
-        import bench_kernels
-    finally:
-        sys.path.pop(0)
+    bench_kernels = load_script("bench_kernels")
     row = lambda shape, dtype, fwd, pct, bwd: {"shape": shape, "dtype": dtype, "fwd_x": fwd,  # noqa: E731
                                                "pct_copy": pct, "bwd_x": bwd}
     norm = [row("2x320x64x64", "fp32", 2.4, 30.0, 1.6), row("2x640x32x32", "fp32", 2.6, 65.0, 1.4),

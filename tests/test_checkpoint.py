@@ -12,7 +12,7 @@ from ldm.config import TextEncoderConfig
 from ldm.errors import CheckpointError, LdmError
 from ldm.pipeline import Pipeline
 
-from tiny_models import tiny_config  # tests/ is on sys.path under pytest
+from conftest import tiny_config  # tests/ is on sys.path under pytest
 
 
 @pytest.fixture(scope="module")

@@ -5,10 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ldm.cuda_graph import SamplingGraphs, to_device
 from ldm.diffusion.noise import randn, seeded_generators
+from ldm.diffusion.tables import to_device
+from ldm.inference import SamplingOptions, sample
+from ldm.inference.cuda_graph import SamplingGraphs
 from ldm.pipeline import Pipeline
-from tiny_models import tiny_config
+from conftest import tiny_config
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -47,11 +49,11 @@ def test_captured_loop_matches_eager_and_replays(sampler: str, eta: float | None
     for seed in (0, 7):  # the second batch replays the graph captured for the first
         x_T = randn(shape, seeded_generators(seed, 2), "cuda")
         noise_gens = seeded_generators(seed + 100, 2)
-        graphed = graphs.sample(context, uncond, x_T, steps, sampler, eta, 4.0, noise_gens)
+        options = SamplingOptions(steps=steps, sampler=sampler, eta=eta, guidance_scale=4.0)
+        graphed = graphs.sample(context, uncond, x_T, options, noise_gens)
         # eager with the same up-front noise the graph path draws
         noise = torch.stack([randn(shape, g, "cpu") for g in [seeded_generators(seed + 100, 2)]
                              for _ in range(steps)]).cuda()
-        eager = pipe.sample(context, uncond, x_T, steps=steps, sampler=sampler, eta=eta,
-                            guidance_scale=4.0, noise=noise)
+        eager = sample(pipe, context, uncond, x_T, options, noise=noise)
         torch.testing.assert_close(graphed, eager, rtol=1e-4, atol=1e-4)
     assert len(graphs.loops) == 1

@@ -6,13 +6,13 @@ held-out triples (never seen in training) included, with the txt2img defaults.
 """
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 
 from ldm.data.shapes import HELD_OUT_TRIPLES, caption
 from ldm.data.shapes_classifier import classify
+from conftest import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "ldm" / "assets" / "shapes.safetensors"
@@ -23,10 +23,7 @@ HELD_OUT = sorted(HELD_OUT_TRIPLES)[:4]
 
 
 def _eval_script():
-    spec = importlib.util.spec_from_file_location("eval_shapes", ROOT / "scripts" / "eval_shapes.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("eval_shapes")
 
 
 def test_shipped_file_is_small_and_carries_its_config():

@@ -1,7 +1,7 @@
 """Reproduce every sampling run of the reference fixtures through pipe.sample.
 
 DDIM eta 0 / eta 1 (injected per-step noise), eps and v, guidance 1, the text-conditioned runs
-(encode_prompt + sample) and PLMS (sd1_dev); see /work/shared/fixtures/README.md.
+(encode_prompt + sample) and PLMS (sd1_dev); see ../shared/fixtures/README.md.
 """
 import json
 from pathlib import Path
@@ -12,8 +12,9 @@ from safetensors.torch import load_file
 
 import ldm
 from ldm.diffusion.timesteps import spaced_timesteps
+from ldm.inference import SamplingOptions, sample
+from conftest import FIXTURES, close_to_reference
 
-FIXTURES = Path("/work/shared/fixtures")
 MODELS = {  # name: (folder, yaml, weights, reference, run prefix, steps, guidance scale)
     "sd2_eps": ("sd2_dev", "tiny_dev.yaml", "tiny_dev.safetensors", "tiny_dev_ref", "eps", 8, 4.0),
     "sd2_v": ("sd2_dev", "tiny_dev_v.yaml", "tiny_dev.safetensors", "tiny_dev_ref", "v", 8, 4.0),
@@ -22,13 +23,6 @@ MODELS = {  # name: (folder, yaml, weights, reference, run prefix, steps, guidan
 RUNS = [(m, run) for m in MODELS for run in ("ddim_eta0", "ddim_eta1", "text_ddim_eta0")]
 RUNS += [("sd2_eps", "ddim_eta0_scale1"), ("sd1", "ddim_eta0_scale1"), ("sd1", "plms")]
 pytestmark = pytest.mark.skipif(not FIXTURES.is_dir(), reason="reference fixtures not present")
-
-
-def close(ours, ref, what):
-    """The fixtures' tolerance: max error <= 1e-4 of the reference's largest magnitude."""
-    assert ours.shape == ref.shape, what
-    err = (ours.double() - ref.double()).abs().max().item()
-    assert err <= 1e-4 * ref.abs().max().item(), f"{what}: max error {err:.3g}"
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +50,7 @@ def test_sampling_run_matches_reference(models, model, run):
     if run.startswith("text"):  # conditioning from the prompts, one per batch element
         prompts = json.loads(meta["prompts"])
         context, uncond = pipe.encode_prompt(prompts[:2]), pipe.encode_prompt([""] * 2)
-        close(context, ref["text.cond"][:2], "text.cond")
+        close_to_reference(context, ref["text.cond"][:2], "text.cond")
     else:
         context, uncond = ref["inputs.c"], ref["inputs.uc"]
     eta = 1.0 if run == "ddim_eta1" else 0.0
@@ -64,11 +58,12 @@ def test_sampling_run_matches_reference(models, model, run):
     sampler = "plms" if run == "plms" else "ddim"
     guidance = 1.0 if run.endswith("scale1") else scale
     xs, denoised = [], []
-    final = pipe.sample(context, uncond if guidance != 1 else None, ref["inputs.x_T"], steps=steps,
-                        sampler=sampler, eta=eta, guidance_scale=guidance, noise=noise,
-                        callback=lambda i, x, d: (xs.append(x.clone()), denoised.append(d.clone())))
-    close(torch.stack(xs), ref[f"{key}.x_inter"][1:], "x_inter")
-    close(torch.stack(denoised), ref[f"{key}.pred_x0"], "pred_x0")
-    close(final, ref[f"{key}.final"], "final")
+    options = SamplingOptions(steps=steps, sampler=sampler, eta=eta, guidance_scale=guidance)
+    final = sample(pipe, context, uncond if guidance != 1 else None, ref["inputs.x_T"], options,
+                   noise=noise,
+                   callback=lambda i, x, d: (xs.append(x.clone()), denoised.append(d.clone())))
+    close_to_reference(torch.stack(xs), ref[f"{key}.x_inter"][1:], "x_inter")
+    close_to_reference(torch.stack(denoised), ref[f"{key}.pred_x0"], "pred_x0")
+    close_to_reference(final, ref[f"{key}.final"], "final")
     with torch.inference_mode():
-        close(pipe.decode_latents(final), ref[f"{key}.decoded"], "decoded")
+        close_to_reference(pipe.decode_latents(final), ref[f"{key}.decoded"], "decoded")

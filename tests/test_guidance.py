@@ -3,10 +3,11 @@ import pytest
 import torch
 
 from ldm.config import DiffusionConfig
-from ldm.diffusion.guidance import classifier_free_guidance, combine_guidance
+from ldm.diffusion.guidance import classifier_free_guidance
+from ldm.prediction import combine_guidance
 from ldm.diffusion.samplers import sample
 from ldm.diffusion.schedule import make_schedule
-from ldm.kernels.sampler_step import PredictionType
+from ldm.prediction import PredictionType
 
 SCHEDULE = make_schedule(DiffusionConfig())
 

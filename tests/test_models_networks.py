@@ -10,8 +10,8 @@ from ldm.models.autoencoder import AutoencoderKL, DiagonalGaussian
 from ldm.models.layers import GroupNormSiLU, timestep_embedding
 from ldm.models.unet import UNetModel
 
-TINY_UNET = UNetConfig(model_channels=32, channel_mult=[1, 2], num_res_blocks=1,
-                       attention_resolutions=[2], num_heads=2, context_dim=16)
+from conftest import TINY_UNET
+
 TINY_VAE = AutoencoderConfig(ch=32, ch_mult=[1, 2], num_res_blocks=1, resolution=32)
 
 

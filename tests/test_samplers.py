@@ -15,11 +15,13 @@ from ldm.diffusion import samplers as samplers_module
 from ldm.diffusion.coefficients import (ddim_coefficients, ddpm_coefficients,
                                         dpmpp_2m_coefficients, euler_coefficients,
                                         plms_coefficients)
-from ldm.diffusion.denoiser import Denoiser, from_x0_eps
+from ldm.diffusion.denoiser import Denoiser
+from ldm.prediction import from_x0_eps
 from ldm.diffusion.schedule import make_schedule
 from ldm.diffusion.samplers import SAMPLERS, get_sampler, invert_ddim, sample
 from ldm.diffusion.timesteps import sampling_sigmas, spaced_timesteps, t_to_sigma
-from ldm.kernels.sampler_step import PredictionType, sampler_step, sampler_step_reference
+from ldm.kernels.sampler_step import sampler_step, sampler_step_reference
+from ldm.prediction import PredictionType
 
 # DDPM's linear schedule: terminal SNR ~4e-5, so starting from N(0, I) biases means by < 1%.
 SCHEDULE = make_schedule(DiffusionConfig(beta_schedule="linear", linear_start=1e-4, linear_end=0.02))
@@ -264,7 +266,7 @@ def test_registry_and_argument_errors():
 
 @pytest.mark.parametrize("kind", list(PredictionType))
 def test_parameterisation_round_trip_matches_fused_step(kind):
-    from ldm.diffusion.denoiser import to_x0_eps
+    from ldm.prediction import to_x0_eps
     from ldm.kernels.sampler_step import step_coefficients
     g = torch.Generator().manual_seed(7)
     x0, eps = torch.randn(3, 4, 4, 4, generator=g), torch.randn(3, 4, 4, 4, generator=g)

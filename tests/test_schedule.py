@@ -9,8 +9,8 @@ import torch
 from ldm.config import DiffusionConfig
 from ldm.diffusion.schedule import (SD_BUFFER_NAMES, make_schedule, schedule_from_sd_buffers,
                                     sd_buffers)
+from conftest import FIXTURES
 
-FIXTURES = Path("/work/shared/fixtures")
 REFS = [FIXTURES / "sd2_dev" / "tiny_dev_ref.safetensors",
         FIXTURES / "sd1_dev" / "tiny_sd1_ref.safetensors"]
 

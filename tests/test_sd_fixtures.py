@@ -10,21 +10,14 @@ from safetensors.torch import load_file
 
 import ldm
 from ldm.diffusion.schedule import sd_buffers
+from conftest import FIXTURES, close_to_reference
 
-FIXTURES = Path("/work/shared/fixtures")
 CASES = {  # name: (folder, yaml, weights, reference, expected prediction type)
     "sd2_eps": ("sd2_dev", "tiny_dev.yaml", "tiny_dev.safetensors", "tiny_dev_ref", "eps"),
     "sd2_v": ("sd2_dev", "tiny_dev_v.yaml", "tiny_dev.safetensors", "tiny_dev_ref", "v"),
     "sd1": ("sd1_dev", "tiny_sd1.yaml", "tiny_sd1.safetensors", "tiny_sd1_ref", "eps"),
 }
 pytestmark = pytest.mark.skipif(not FIXTURES.is_dir(), reason="reference fixtures not present")
-
-
-def close(ours: torch.Tensor, ref: torch.Tensor) -> None:
-    """The fixtures' tolerance: max error <= 1e-4 of the reference's largest magnitude."""
-    assert ours.shape == ref.shape
-    err = (ours.double() - ref.double()).abs().max().item()
-    assert err <= 1e-4 * ref.abs().max().item(), f"max error {err:.3g}"
 
 
 @pytest.fixture(scope="module", params=[(c, fmt) for c in CASES for fmt in ("safetensors", "ckpt")],
@@ -64,14 +57,14 @@ def test_tokens_and_text_encoding(loaded):
               if re.match(rf"prompt {i} is too long: [1-9]\d* of its", str(w.message))}
     assert warned == full
     with torch.no_grad():
-        close(pipe.encode_prompt(prompts), ref["text.cond"])
+        close_to_reference(pipe.encode_prompt(prompts), ref["text.cond"])
 
 
 def test_unet_raw_output(loaded):
     pipe, ref, _, _ = loaded
     with torch.no_grad():
         out = pipe.unet(ref["inputs.unet_x"], ref["inputs.unet_t"], ref["inputs.unet_c"])
-    close(out, ref["unet.out"])
+    close_to_reference(out, ref["unet.out"])
 
 
 def test_vae_encode(loaded):
@@ -79,22 +72,22 @@ def test_vae_encode(loaded):
     image = ref["inputs.image"]
     with torch.no_grad():
         vae = pipe.autoencoder
-        close(vae.quant_conv(vae.encoder(image)), ref["vae.encode_moments"])
+        close_to_reference(vae.quant_conv(vae.encoder(image)), ref["vae.encode_moments"])
         mean, logvar = pipe.encode_image(image)
         std = vae.encode(image).std
-    close(mean, ref["vae.encode_mean"])
-    close(logvar, ref["vae.encode_logvar"])
-    close(std, ref["vae.encode_std"])
-    close(pipe.config.diffusion.scale_factor * mean, ref["vae.encode_scaled_mode"])
+    close_to_reference(mean, ref["vae.encode_mean"])
+    close_to_reference(logvar, ref["vae.encode_logvar"])
+    close_to_reference(std, ref["vae.encode_std"])
+    close_to_reference(pipe.config.diffusion.scale_factor * mean, ref["vae.encode_scaled_mode"])
 
 
 def test_vae_decode(loaded):
     pipe, ref, _, _ = loaded
     with torch.no_grad():
-        close(pipe.decode_latents(ref["inputs.decode_z"]), ref["vae.decode_of_decode_z"])
+        close_to_reference(pipe.decode_latents(ref["inputs.decode_z"]), ref["vae.decode_of_decode_z"])
 
 
 def test_schedule_buffers(loaded):
     pipe, ref, _, _ = loaded
     for name, ours in sd_buffers(pipe.schedule).items():
-        close(ours, ref[f"schedule.{name}"])
+        close_to_reference(ours, ref[f"schedule.{name}"])

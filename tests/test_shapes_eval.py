@@ -1,7 +1,6 @@
 """scripts/eval_shapes.py: the accuracy table, the --dataset mode, and the generation loop."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -12,16 +11,14 @@ import pytest
 from PIL import Image
 
 from ldm.data.shapes import CAPTION_TEMPLATES, COLORS, HELD_OUT_TRIPLES, SHAPES, ShapeSpec, render
+from conftest import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "eval_shapes.py"
 
 
 def _load_script():
-    spec = importlib.util.spec_from_file_location("eval_shapes", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("eval_shapes")
 
 
 def test_summarise_counts_each_attribute():
@@ -91,6 +88,7 @@ def test_generation_loop(tmp_path, monkeypatch, broken):
 
 
 def test_batched_generation_equals_txt2img_one_by_one():
+    from ldm.inference import SamplingOptions, txt2img
     from ldm.pipeline import Pipeline
     from test_shapes_export import _tiny_config
 
@@ -100,8 +98,9 @@ def test_batched_generation_equals_txt2img_one_by_one():
     prompts = ["a red circle on a blue background", "a green square on a white background"]
     batched = ev.generate_images(pipe, prompts, 7, args)
     for k, prompt in enumerate(prompts):
-        (single,) = pipe.txt2img(prompt, height=16, width=16, steps=3, sampler="ddim",
-                                 guidance_scale=3.0, seed=7 + k)
+        options = SamplingOptions(prompt=prompt, height=16, width=16, steps=3, sampler="ddim",
+                                  guidance_scale=3.0, seed=7 + k)
+        (single,) = txt2img(pipe, options)
         assert np.abs(np.asarray(single, dtype=int) - batched[k].astype(int)).max() <= 1
 
 

@@ -1,22 +1,19 @@
 """scripts/export_default_model.py: fp16 weights, config kept, loads strictly, size limit."""
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import torch
 
 from ldm.config import AutoencoderConfig, ModelConfig, TextEncoderConfig, UNetConfig
+from conftest import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("export_default_model", ROOT / "scripts" / "export_default_model.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("export_default_model")
 
 
 def _tiny_config() -> ModelConfig:

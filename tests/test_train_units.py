@@ -10,7 +10,7 @@ from torch import nn
 
 from ldm.config import DiffusionConfig
 from ldm.diffusion.schedule import make_schedule
-from ldm.kernels.sampler_step import PredictionType
+from ldm.prediction import PredictionType
 from ldm.train.config import EMAConfig, OptimConfig, RunConfig, VAELossConfig
 from ldm.train.diffusion_loss import LossTerms, diffusion_loss, min_snr_weight, vlb_term
 from ldm.train.distributed import DistInfo

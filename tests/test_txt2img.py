@@ -10,9 +10,11 @@ import torch
 from PIL import Image
 
 import ldm
-from ldm import generate
+from ldm.errors import SamplingError
+from ldm.inference import SamplingOptions, resolve, txt2img
+from ldm.inference.options import DEFAULT_TILE
 from ldm.pipeline import Pipeline
-from tiny_models import tiny_config as _tiny_config
+from conftest import load_script, tiny_config as _tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "txt2img.py"
@@ -39,43 +41,70 @@ def pixels(images):
     return np.stack([np.asarray(im) for im in images]).astype(np.int16)
 
 
+def generate(pipe, prompt, **kwargs):
+    return pixels(txt2img(pipe, SamplingOptions(prompt=prompt, **kwargs)))
+
+
 @pytest.mark.parametrize("sampler", ["ddim", "euler_a"])
 def test_seed_reproduces_and_batch_image_k_is_seed_plus_k(tiny, sampler):
     pipe, _ = tiny
     kwargs = dict(steps=4, sampler=sampler, guidance_scale=3.0)
-    batch = pixels(generate.txt2img(pipe, "a red circle", seed=10, num_images=3, **kwargs))
+    batch = generate(pipe, "a red circle", seed=10, num_images=3, **kwargs)
     assert batch.shape == (3, 32, 32, 3)
-    again = pixels(generate.txt2img(pipe, "a red circle", seed=10, num_images=3, **kwargs))
+    again = generate(pipe, "a red circle", seed=10, num_images=3, **kwargs)
     assert np.array_equal(batch, again)
     for k in range(3):
-        single = pixels(generate.txt2img(pipe, "a red circle", seed=10 + k, **kwargs))[0]
+        single = generate(pipe, "a red circle", seed=10 + k, **kwargs)[0]
         assert np.abs(single - batch[k]).max() <= 1, k  # batched kernels may round differently
-    other = pixels(generate.txt2img(pipe, "a red circle", seed=11, **kwargs))[0]
+    other = generate(pipe, "a red circle", seed=11, **kwargs)[0]
     assert not np.array_equal(other, batch[0])
 
 
-def test_api_rejects_bad_arguments(tiny):
+def test_prompt_list_is_one_image_per_prompt(tiny):
     pipe, _ = tiny
-    for kwargs, match in (({"height": 33}, "multiple of 2"), ({"steps": 0}, "steps"),
-                          ({"sampler": "heun"}, "unknown sampler"), ({"guidance_scale": -1}, "guidance"),
-                          ({"steps": 1001}, "1..1000")):
-        with pytest.raises(generate.SamplingError, match=match):
-            generate.txt2img(pipe, "x", **{"steps": 2, **kwargs})
+    kwargs = dict(steps=3, guidance_scale=3.0, seed=4)
+    batch = generate(pipe, ("a red circle", "a blue square"), **kwargs)
+    assert batch.shape[0] == 2
+    second = generate(pipe, "a blue square", **{**kwargs, "seed": 5})[0]
+    assert np.abs(second - batch[1]).max() <= 1
+    with pytest.raises(SamplingError, match="one image per prompt"):
+        SamplingOptions(prompt=("a", "b"), num_images=3)
+
+
+OPTION_ERRORS = [({"steps": 0}, "steps"), ({"steps": 2.5}, "steps"),
+                 ({"sampler": "heun"}, "unknown sampler"), ({"guidance_scale": -1}, "guidance"),
+                 ({"guidance_scale": float("nan")}, "guidance"), ({"eta": 2}, "eta"),
+                 ({"sampler": "plms", "eta": 0.5}, "deterministic"), ({"height": 0}, "height"),
+                 ({"num_images": 0}, "num_images"), ({"seed": -1}, "seed"),
+                 ({"vae_tile": 3}, "vae_tile"), ({"prompt": 3}, "string")]
+
+
+@pytest.mark.parametrize("kwargs,match", OPTION_ERRORS, ids=[str(k) for k, _ in OPTION_ERRORS])
+def test_options_are_validated_when_built(kwargs, match):
+    with pytest.raises(SamplingError, match=match):
+        SamplingOptions(**kwargs)
+
+
+def test_resolve_checks_the_model(tiny):
+    pipe, _ = tiny
+    for kwargs, match in (({"height": 33}, "multiple of 2"), ({"steps": 1001}, "1..1000")):
+        with pytest.raises(SamplingError, match=match):
+            resolve(SamplingOptions(**kwargs), pipe)
+    resolved = resolve(SamplingOptions(), pipe)
+    assert (resolved.height, resolved.width, resolved.vae_tile) == (32, 32, 0)
 
 
 def test_tiled_decode_is_seamless_and_close_to_one_pass(tiny):
     """vae_tile decodes in overlapping tiles: same size, close to one pass, automatic when large."""
     pipe, _ = tiny
     kwargs = dict(height=64, width=96, steps=2, guidance_scale=3.0, seed=3)
-    one_pass = pixels(generate.txt2img(pipe, "a red circle", vae_tile=0, **kwargs))
-    tiled = pixels(generate.txt2img(pipe, "a red circle", vae_tile=16, **kwargs))
+    one_pass = generate(pipe, "a red circle", vae_tile=0, **kwargs)
+    tiled = generate(pipe, "a red circle", vae_tile=16, **kwargs)
     assert tiled.shape == one_pass.shape == (1, 64, 96, 3)
     # Only the decoder's per-tile GroupNorm statistics differ (the sampled latents are equal).
     assert np.abs(tiled - one_pass).mean() < 6.0
-    assert generate.resolve_vae_tile((64, 64), None) == 0
-    assert generate.resolve_vae_tile((128, 64), None) == generate.DEFAULT_TILE
-    with pytest.raises(generate.SamplingError, match="vae_tile"):
-        generate.txt2img(pipe, "x", steps=1, vae_tile=-1)
+    assert resolve(SamplingOptions(height=128, width=128), pipe).vae_tile == 0
+    assert resolve(SamplingOptions(height=256, width=128), pipe).vae_tile == DEFAULT_TILE
 
 
 def run_script(*args, cwd=None):
@@ -113,8 +142,7 @@ def test_script_writes_numbered_pngs_with_parameters_and_from_png_regenerates(ti
 
 
 def test_from_png_refuses_other_model_and_bad_chunks(tiny, tmp_path, capsys):
-    sys.path.insert(0, str(SCRIPT.parent))
-    import txt2img as script
+    script = load_script("txt2img")
     from PIL.PngImagePlugin import PngInfo
     _, ckpt = tiny
     params = {"prompt": "a red circle", "negative_prompt": "", "seed": 3, "batch_seed": 3,
@@ -144,15 +172,15 @@ def test_script_bad_input_subprocess_is_one_line(tmp_path):
 
 BAD_INPUTS = [
     (["--H", 33], "multiple of 2"),
-    (["--steps", 0], "--steps"),
+    (["--steps", 0], "steps must be"),
     (["--steps", 5000], "1..1000"),
-    (["--scale", -2], "--scale"),
-    (["--scale", 1e6], "--scale"),
-    (["--ddim_eta", 3], "--ddim_eta"),
+    (["--scale", -2], "guidance scale"),
+    (["--scale", 1e6], "guidance scale"),
+    (["--ddim_eta", 3], "eta must be"),
     (["--from-file", "EMPTY"], "no prompts"),
     (["--from-png", "NOTPNG"], "cannot read"),
     (["--ckpt", "MISSING"], "no such file"),
-    (["--config", str(ROOT / "configs" / "sd1.yaml")], ""),
+    (["--config", str(ROOT / "configs" / "sd1.yaml")], "does not match the config"),
     (["--config", "DUPKEY"], "duplicate key 'model' (line 3)"),
     (["--precision", "fp16", "--device", "cpu"], "fp16"),
     (["--prompt", ""], "non-empty"),
@@ -165,8 +193,7 @@ if not torch.cuda.is_available():
 
 @pytest.mark.parametrize("extra,match", BAD_INPUTS, ids=[" ".join(map(str, e)) for e, _ in BAD_INPUTS])
 def test_script_bad_input_exits_2_without_files(tiny, tmp_path, capsys, extra, match):
-    sys.path.insert(0, str(SCRIPT.parent))
-    import txt2img as script
+    script = load_script("txt2img")
     _, ckpt = tiny
     (tmp_path / "EMPTY").write_text("\n  \n")
     (tmp_path / "NOTPNG").write_text("not an image")

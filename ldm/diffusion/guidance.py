@@ -1,9 +1,10 @@
 """Classifier-free guidance (Ho & Salimans 2022) as a wrapper with the denoiser's signature.
 
 One batched forward of [uncond; cond]; the fused sampler step combines the halves as
-uncond + guidance_scale * (cond - uncond). Scale 1 is a single conditional pass. Guidance
-rescale (Lin et al. 2024, eq. 15-16, applied to the raw output as diffusers does) needs
-per-sample statistics, so with it the wrapper combines the halves itself.
+uncond + guidance_scale * (cond - uncond) (its reference: ldm.prediction.combine_guidance).
+Scale 1 is a single conditional pass. Guidance rescale (Lin et al. 2024, eq. 15-16, applied to
+the raw output as diffusers does) needs per-sample statistics, so with it the wrapper combines
+the halves itself, with the same function.
 """
 from __future__ import annotations
 
@@ -12,26 +13,10 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ldm.diffusion.denoiser import Denoiser, split_learned_variance
-from ldm.kernels.sampler_step import PredictionType
+from ldm.diffusion.denoiser import Denoiser
+from ldm.prediction import PredictionType, combine_guidance
 
 UNetFn = Callable[[Tensor, Tensor, Tensor], Tensor]  # (x, t, context) -> raw output
-
-
-def combine_guidance(output: Tensor, guidance_scale: float, guidance_rescale: float = 0.0,
-                     learned_variance: bool = False) -> Tensor:
-    """uncond + scale (cond - uncond) of a [uncond; cond] output, optionally std-rescaled."""
-    uncond, cond = output.chunk(2)
-    uncond_pred, _ = split_learned_variance(uncond, learned_variance)
-    cond_pred, cond_var = split_learned_variance(cond, learned_variance)
-    guided = uncond_pred + guidance_scale * (cond_pred - uncond_pred)
-    if guidance_rescale > 0:
-        dims = tuple(range(1, guided.ndim))
-        rescaled = guided * (cond_pred.std(dims, keepdim=True) / guided.std(dims, keepdim=True))
-        guided = guidance_rescale * rescaled + (1 - guidance_rescale) * guided
-    if cond_var is not None:  # guidance acts on the mean; the variance comes from the cond pass
-        guided = torch.cat([guided, cond_var], dim=1)
-    return guided
 
 
 def classifier_free_guidance(unet: UNetFn, context: Tensor, uncond_context: Tensor | None,

@@ -23,22 +23,16 @@ a sampling loop has no host scalars and can be captured in a CUDA graph.
 """
 from __future__ import annotations
 
-import enum
-
 import torch
 from torch import Tensor
 
 from ldm._extension import fused_device_types, has_extension
+from ldm.prediction import (PredictionType, combine_guidance, learned_log_variance,
+                            split_learned_variance, to_x0_eps)
 
 # Device types with a compiled kernel: a fact of the build, fixed once ldm._C is loaded
 # (a constant, so torch.compile folds the dispatch choice).
 _FUSED_DEVICES = fused_device_types("sampler_step")
-
-
-class PredictionType(enum.IntEnum):
-    EPS = 0
-    V = 1
-    X0 = 2
 
 
 # Indices into the coefficient vector.
@@ -69,39 +63,19 @@ def sampler_step_reference(x: Tensor, model_output: Tensor, coeffs: Tensor,
     out = model_output.float()
     batch = x.shape[0]
     if out.shape[0] == 2 * batch:
-        uncond, cond = out[:batch], out[batch:]
-        guided = uncond + c[COEFF_GUIDANCE] * (cond - uncond)
-        if learned_variance:  # guidance acts on the mean; variance comes from the cond half
-            half = x.shape[1]
-            out = torch.cat([guided[:, :half], cond[:, half:]], dim=1)
-        else:
-            out = guided
+        out = combine_guidance(out, c[COEFF_GUIDANCE], learned_variance=learned_variance)
     elif out.shape[0] != batch:
         raise ValueError(f"model_output batch {out.shape[0]} must be {batch} or {2 * batch}")
-    if learned_variance:
-        out, var_out = out.chunk(2, dim=1)
-    a, s = c[COEFF_A], c[COEFF_S]
-    if prediction_type == PredictionType.EPS:
-        eps = out
-        x0 = (xf - s * eps) / a
-    elif prediction_type == PredictionType.X0:
-        x0 = out
-        eps = (xf - a * x0) / s
-    elif prediction_type == PredictionType.V:
-        r = torch.sqrt(a * a + s * s)
-        alpha, sigma, xn = a / r, s / r, xf / r
-        x0 = alpha * xn - sigma * out
-        eps = sigma * xn + alpha * out
-    else:
-        raise ValueError(f"unknown prediction_type {prediction_type}")
+    out, var_out = split_learned_variance(out, learned_variance)
+    x0, eps = to_x0_eps(xf, out, c[COEFF_A], c[COEFF_S], PredictionType(prediction_type))
     x_next = c[COEFF_X] * xf + c[COEFF_X0] * x0 + c[COEFF_EPS] * eps
     if prev is not None:
         x_next = x_next + c[COEFF_PREV] * prev.float()
     if noise is not None:
         std = c[COEFF_NOISE]
-        if learned_variance:
-            frac = (var_out + 1) / 2
-            std = std * torch.exp(0.5 * (frac * c[COEFF_LOGVAR_MAX] + (1 - frac) * c[COEFF_LOGVAR_MIN]))
+        if var_out is not None:
+            logvar = learned_log_variance(var_out, c[COEFF_LOGVAR_MIN], c[COEFF_LOGVAR_MAX])
+            std = std * torch.exp(0.5 * logvar)
         x_next = x_next + std * noise.float()
     return x_next.to(x.dtype), x0.to(x.dtype)
 

@@ -14,10 +14,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ldm.diffusion.denoiser import (from_x0_eps, learned_log_variance, parse_prediction_type,
-                                    split_learned_variance, to_x0_eps)
 from ldm.diffusion.schedule import Schedule
-from ldm.kernels.sampler_step import PredictionType
+from ldm.prediction import (PredictionType, from_x0_eps, learned_log_variance,
+                            parse_prediction_type, split_learned_variance, to_x0_eps)
 
 
 @dataclass(frozen=True)

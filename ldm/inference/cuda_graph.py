@@ -7,33 +7,20 @@ output buffer belongs to the graph, so callers get a clone.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+
+from ldm.inference.options import SamplingOptions
+from ldm.inference.sampling import run_steps, sample
 
 if TYPE_CHECKING:
     from ldm.diffusion.noise import Generators
     from ldm.pipeline import Pipeline
 
 LoopFn = Callable[..., Tensor]
-
-
-def to_device(table: Tensor, device: torch.device | str) -> Tensor:
-    """A small host table (sampler coefficients, timesteps) moved to `device`.
-
-    While a CUDA graph is being captured a host-to-device copy is refused (unpinned memory) or
-    would read a since-freed buffer at replay (pinned), so there the values are written by
-    fill kernels whose scalars live in the graph itself.
-    """
-    device = torch.device(device)
-    if device.type != "cuda" or not torch.cuda.is_current_stream_capturing():
-        return table.to(device)
-    out = torch.empty(table.shape, dtype=table.dtype, device=device)
-    flat = out.view(-1)
-    for i, value in enumerate(table.reshape(-1).tolist()):
-        flat[i].fill_(value)
-    return out
 
 
 class GraphedLoop:
@@ -77,26 +64,25 @@ class SamplingGraphs:
         self.pipe = pipe
         self.loops: dict[tuple, GraphedLoop] = {}
 
-    def sample(self, context: Tensor, uncond_context: Tensor | None, x_T: Tensor, steps: int,
-               sampler: str, eta: float | None, guidance_scale: float, generator: Generators,
-               guidance_rescale: float = 0.0) -> Tensor:
-        """Same contract as ldm.generate.sample (without callback), run as one graph replay."""
-        from ldm import generate
+    def sample(self, context: Tensor, uncond_context: Tensor | None, x_T: Tensor,
+               options: SamplingOptions, generator: Generators) -> Tensor:
+        """Same contract as ldm.inference.sample (without callback), run as one graph replay."""
         from ldm.diffusion.noise import randn
-        pipe = self.pipe
+        pipe, steps = self.pipe, options.steps
         noise = torch.stack([randn(x_T.shape, generator, "cpu", torch.float32)
-                             for _ in range(steps)]).to(pipe.device, pipe.dtype)
-        options = dict(sampler=sampler, eta=eta, guidance_scale=guidance_scale,
-                       guidance_rescale=guidance_rescale)
+                             for _ in range(run_steps(pipe, options))]).to(pipe.device, pipe.dtype)
         inputs = [context.to(pipe.device, pipe.dtype), x_T.to(pipe.device, pipe.dtype), noise]
         if uncond_context is not None:
             inputs.append(uncond_context.to(pipe.device, pipe.dtype))
 
-        def run(c: Tensor, x: Tensor, n: Tensor, u: Tensor | None = None, n_steps: int = steps) -> Tensor:
-            return generate.sample(pipe, c, u, x, steps=n_steps, noise=n[:n_steps], **options)
+        def run(c: Tensor, x: Tensor, n: Tensor, u: Tensor | None = None,
+                run_options: SamplingOptions = options) -> Tensor:
+            return sample(pipe, c, u, x, run_options, noise=n[:run_steps(pipe, run_options)])
 
-        key = (steps, tuple(tuple(t.shape) for t in inputs), tuple(sorted(options.items())))
+        sampling = (options.sampler, options.eta, options.guidance_scale, options.guidance_rescale)
+        key = (steps, tuple(tuple(t.shape) for t in inputs), sampling)
         if key not in self.loops:
-            warm = lambda *t: run(*t[:3], *t[3:], n_steps=1)  # noqa: E731  (one step warms up)
+            one_step = replace(options, steps=1)
+            warm = lambda *t: run(*t[:3], *t[3:], run_options=one_step)  # noqa: E731  (warms up)
             self.loops[key] = GraphedLoop(run, *inputs, warmup=warm)
         return self.loops[key](*inputs)

@@ -1,0 +1,59 @@
+"""What several test files share: where things are, tiny model configs, comparison helpers."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+from ldm.config import AutoencoderConfig, ModelConfig, TextEncoderConfig, UNetConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+# The reference fixtures sit beside the repository (../shared/fixtures); LDM_FIXTURES overrides.
+FIXTURES = Path(os.environ.get("LDM_FIXTURES", ROOT.parent / "shared" / "fixtures"))
+
+TINY_UNET = UNetConfig(model_channels=32, channel_mult=[1, 2], num_res_blocks=1,
+                       attention_resolutions=[2], num_heads=2, context_dim=16)
+
+
+def tiny_config(text_layers: int = 2) -> ModelConfig:
+    """A random model small enough for the CPU: VAE factor 2, 2-level U-Net, tiny HF-CLIP text
+    (32x32 images, 16x16 latents)."""
+    text = {"vocab_size": 49408, "hidden_size": 32, "intermediate_size": 64,
+            "num_hidden_layers": text_layers, "num_attention_heads": 2,
+            "max_position_embeddings": 77}
+    return ModelConfig(
+        autoencoder=AutoencoderConfig(ch=32, ch_mult=[1, 2], num_res_blocks=1, resolution=32),
+        unet=UNetConfig(model_channels=32, channel_mult=[1, 2], num_res_blocks=1,
+                        attention_resolutions=[2], num_heads=2, context_dim=32),
+        text_encoder=TextEncoderConfig(kind="hf_clip", arch="tiny", arch_config=text, layer="last"))
+
+
+def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Relative L2 error of a against b, in float64."""
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def close_to_reference(ours: torch.Tensor, ref: torch.Tensor, what: str = "tensor") -> None:
+    """The reference fixtures' tolerance: max error <= 1e-4 of the reference's largest magnitude."""
+    assert ours.shape == ref.shape, f"{what}: shape {tuple(ours.shape)} != {tuple(ref.shape)}"
+    err = (ours.detach().double() - ref.double()).abs().max().item()
+    scale = ref.abs().max().item()
+    assert err <= 1e-4 * scale, f"{what}: max error {err:.3g} > 1e-4 x {scale:.3g}"
+
+
+def load_script(name: str) -> ModuleType:
+    """scripts/<name>.py as a module; sys.path is restored afterwards (scripts add the checkout
+    to it so that they run uninstalled)."""
+    path = ROOT / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"script_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    saved = list(sys.path)
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path[:] = saved
+    return module
