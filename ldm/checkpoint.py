@@ -3,8 +3,9 @@
 A full checkpoint is SD's LatentDiffusion state dict: each network under its prefix below,
 the 12 schedule buffers at the top level, optional EMA weights of the U-Net as
 `model_ema.<key without dots>` (LitEma's naming), and for the x4 upscaler the 8 buffers of
-its noise augmentation under `low_scale_model.` (LatentUpscaleDiffusion.low_scale_model). Our files are safetensors with the
-ModelConfig as JSON in the metadata key "ldm_config", so a checkpoint rebuilds its model.
+its noise augmentation under `low_scale_model.` (LatentUpscaleDiffusion.low_scale_model).
+Our files are safetensors with the ModelConfig as JSON in the metadata key "ldm_config", so a
+checkpoint rebuilds its model.
 Reading never executes code: safetensors, or torch.load(weights_only=True).
 """
 from __future__ import annotations
@@ -187,9 +188,11 @@ def detect_conditioning(tensors: dict[str, Tensor]) -> str | None:
     return "inpaint" if first.shape[1] == 1 + 2 * out.shape[0] else "crossattn"
 
 
-_CONDITIONING_NAMES = {"crossattn": ("a text-to-image", "configs/sd2.yaml or configs/sd1.yaml"),
-                       "inpaint": ("an inpainting", "configs/sd2-inpainting.yaml"),
-                       "upscale": ("an x4 upscaler", "configs/x4-upscaler.yaml")}
+# (kind of model, the config to use for an SD 1.x checkpoint, for an SD 2.x one)
+_CONDITIONING_NAMES = {
+    "crossattn": ("a text-to-image", "configs/sd1.yaml", "configs/sd2.yaml or configs/sd2-v.yaml"),
+    "inpaint": ("an inpainting", "its v1-inpainting-inference.yaml", "configs/sd2-inpainting.yaml"),
+    "upscale": ("an x4 upscaler", "configs/x4-upscaler.yaml", "configs/x4-upscaler.yaml")}
 
 
 def conditioning_hint(tensors: dict[str, Tensor], config: ModelConfig | None) -> str:
@@ -200,7 +203,8 @@ def conditioning_hint(tensors: dict[str, Tensor], config: ModelConfig | None) ->
         return ""
     first = tensors.get(PREFIXES["unet"] + FIRST_CONV)
     channels = first.shape[1] if first is not None and first.ndim == 4 else "?"
-    what, use = _CONDITIONING_NAMES[found]
+    what, sd1_config, sd2_config = _CONDITIONING_NAMES[found]
+    use = sd1_config if detect_family(tensors) == "sd1" else sd2_config
     return (f"; the checkpoint's U-Net takes {channels} input channels, the config's "
             f"{config.unet.in_channels} (conditioning {config.conditioning!r}): this is {what} "
             f"checkpoint, use {what} config ({use})")

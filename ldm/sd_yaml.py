@@ -184,7 +184,8 @@ def _unet(cfg: dict[str, Any], where: str) -> UNetConfig:
     flags = args.get("disable_self_attentions")
     if flags is not None:
         if not isinstance(flags, (list, tuple)) or not all(isinstance(v, bool) for v in flags):
-            raise ConfigError(f"{where}.disable_self_attentions: expected a list of true/false, got {flags!r}")
+            raise ConfigError(f"{where}.disable_self_attentions: expected a list of true/false, "
+                              f"got {flags!r}")
         args["disable_self_attentions"] = list(flags)
     if not isinstance(args.get("disable_middle_self_attn", False), bool):
         raise ConfigError(f"{where}.disable_middle_self_attn: expected true/false")

@@ -176,7 +176,7 @@ def test_text_to_image_checkpoint_with_inpainting_config(tmp_path):
     assert "[32, 4, 3, 3] (model wants [32, 9, 3, 3])" in msg and "\n" not in msg
     assert msg.endswith("U-Net takes 4 input channels, the config's 9 (conditioning 'inpaint'): "
                         "this is a text-to-image checkpoint, use a text-to-image config "
-                        "(configs/sd2.yaml or configs/sd1.yaml)")
+                        "(configs/sd2.yaml or configs/sd2-v.yaml)")
     assert ldm.load_pipeline(path, config=_text_to_image_yaml(tmp_path)).config.conditioning == "crossattn"
 
 
