@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from ldm.inference import SamplingOptions, sample, txt2img
-    from ldm.pipeline import Pipeline, load_pipeline
+    from ldm.inference import SamplingOptions, load_pipeline, sample, txt2img
+    from ldm.pipeline import Pipeline
 
-_LAZY = {"load_pipeline": "ldm.pipeline", "Pipeline": "ldm.pipeline",
+_LAZY = {"load_pipeline": "ldm.inference", "Pipeline": "ldm.pipeline",
          "SamplingOptions": "ldm.inference", "txt2img": "ldm.inference", "sample": "ldm.inference"}
 __all__ = sorted(_LAZY)
 

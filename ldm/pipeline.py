@@ -237,10 +237,3 @@ def _unexpected_top_level(tensors: dict[str, Tensor], config: ModelConfig) -> li
         buffers |= {ckpt.LOW_SCALE_PREFIX + name for name in LOW_SCALE_BUFFER_NAMES}
     extra = [k for k in tensors if not k.startswith(allowed) and k not in buffers]
     return [ckpt.format_keys("unexpected", extra)] if extra else []
-
-
-def load_pipeline(checkpoint: str | Path, config: ModelConfig | str | Path | None = None,
-                  device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                  use_ema: bool = False) -> Pipeline:
-    """Load a Pipeline from a checkpoint (config: ModelConfig, our YAML, SD YAML, or stored)."""
-    return Pipeline.from_checkpoint(checkpoint, config, device, dtype, use_ema)

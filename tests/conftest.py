@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+import pytest
 import torch
 
 from ldm.config import AutoencoderConfig, ModelConfig, TextEncoderConfig, UNetConfig
@@ -14,6 +15,21 @@ from ldm.config import AutoencoderConfig, ModelConfig, TextEncoderConfig, UNetCo
 ROOT = Path(__file__).resolve().parents[1]
 # The reference fixtures sit beside the repository (../shared/fixtures); LDM_FIXTURES overrides.
 FIXTURES = Path(os.environ.get("LDM_FIXTURES", ROOT.parent / "shared" / "fixtures"))
+
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_autotune_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Measured decisions (ldm.inference.autotune) go to a folder of the test run, not the
+    user's cache, for this process and the scripts it starts."""
+    saved = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if saved is None:
+        os.environ.pop("XDG_CACHE_HOME", None)
+    else:
+        os.environ["XDG_CACHE_HOME"] = saved
+
 
 TINY_UNET = UNetConfig(model_channels=32, channel_mult=[1, 2], num_res_blocks=1,
                        attention_resolutions=[2], num_heads=2, context_dim=16)

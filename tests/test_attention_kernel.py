@@ -102,6 +102,15 @@ def test_bad_input_raises_clear_error(bad, message):
         torch.ops.ldm.flash_attention(*bad(q, k, v), 0.3)
 
 
+def test_fused_kernel_steps_aside_on_amx(monkeypatch):
+    from ldm.cpu import CpuInfo
+    q = heads_view(1, 2, 6, 8)
+    amx = CpuInfo("Xeon", "family 6 model 143", frozenset({"avx512_bf16", "amx_bf16", "amx_tile"}))
+    monkeypatch.setattr("ldm.kernels.attention.cpu_info", lambda: amx)
+    assert not uses_fused_attention(q, q, q)
+    torch.testing.assert_close(flash_attention(q, q, q), F.scaled_dot_product_attention(q, q, q))
+
+
 def test_head_size_limit():
     x = heads_view(1, 1, 4, 520)
     with pytest.raises(RuntimeError, match="head size"):
@@ -110,7 +119,8 @@ def test_head_size_limit():
     torch.testing.assert_close(flash_attention(x, x, x), F.scaled_dot_product_attention(x, x, x))
 
 
-def test_dispatch_keeps_autograd_on_sdpa():
+def test_dispatch_keeps_autograd_on_sdpa(monkeypatch):
+    monkeypatch.setattr("ldm.kernels.attention.fused_attention_wins", lambda: True)
     q, k, v = heads_view(1, 2, 6, 8), heads_view(1, 2, 6, 8), heads_view(1, 2, 6, 8)
     assert uses_fused_attention(q, k, v)
     assert not uses_fused_attention(q.float(), k.float(), v.float())

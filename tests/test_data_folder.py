@@ -9,7 +9,7 @@ from PIL import Image
 
 from ldm.data.folder import DataError, ImageFolder
 from ldm.data.sampling import ShardedBatches
-from tests.train_helpers import make_folder
+from train_helpers import make_folder
 
 
 def test_txt_captions_center_crop_and_range(tmp_path):

@@ -7,7 +7,7 @@ from conftest import ROOT
 
 # Lower numbers are lower layers; a module may import its own layer and those below.
 LAYERS = [
-    ("ldm.errors", "ldm.prediction", "ldm._extension", "ldm.config", "ldm.bench"),
+    ("ldm.errors", "ldm.prediction", "ldm._extension", "ldm.config", "ldm.cpu", "ldm.bench"),
     ("ldm.kernels",),
     ("ldm.diffusion",),
     ("ldm.models", "ldm.data", "ldm.sd_yaml", "ldm.presets", "ldm.checkpoint"),

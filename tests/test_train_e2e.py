@@ -55,7 +55,7 @@ def test_ldm_loss_falls_and_txt2img_samples_the_result(vae_file, folder, tmp_pat
     last = sum(r["loss"] for r in rows[-5:]) / 5
     assert last < 0.8 * first, (first, last)
 
-    from ldm.pipeline import load_pipeline
+    from ldm.inference import load_pipeline
     pipe = load_pipeline(out / "model.safetensors")
     assert pipe.config.diffusion.scale_factor != 0.18215  # measured by scale_by_std
     script = ROOT / "scripts/txt2img.py"

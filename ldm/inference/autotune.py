@@ -1,0 +1,75 @@
+"""Choices that only a measurement on this machine can make, measured once and remembered.
+
+A decision is keyed by what it depends on (the processor and torch version from ldm.cpu, plus
+the caller's key: network shape, dtype) and stored in a JSON file in the user's cache folder
+($XDG_CACHE_HOME/ldm or ~/.cache/ldm). Turned off, every choice takes its fixed default, so
+benchmarks and bit-exact comparisons can rule the measurement out.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from ldm.cpu import cpu_info
+
+CACHE_FILE = "autotune.json"
+
+
+def cache_dir() -> Path:
+    """Where measured decisions are kept (read when a decision is asked for, not at import)."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "ldm"
+
+
+def _load(path: Path) -> dict[str, str]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}  # no cache yet, or a damaged one: measure again
+    return data if isinstance(data, dict) else {}
+
+
+def _store(path: Path, data: dict[str, str]) -> None:
+    """Atomic write; a read-only cache folder only costs a measurement next time."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+        tmp.replace(path)
+    except OSError:
+        pass
+
+
+def fastest(candidates: dict[str, Callable[[], object]], repeats: int = 2) -> str:
+    """Name of the candidate with the smallest best time, calls alternating (after one warm-up
+    each), so a burst of machine noise does not favour one side."""
+    for fn in candidates.values():
+        fn()
+    best = {name: float("inf") for name in candidates}
+    for _ in range(repeats):
+        for name, fn in candidates.items():
+            start = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return min(best, key=best.get)
+
+
+def decide(name: str, key: str, candidates: dict[str, Callable[[], object]], default: str,
+           enabled: bool = True) -> str:
+    """The remembered choice for (name, key, this CPU), measuring it once if there is none;
+    `default` when autotuning is off."""
+    if default not in candidates:
+        raise ValueError(f"default {default!r} is not one of {sorted(candidates)}")
+    if not enabled:
+        return default
+    path = cache_dir() / CACHE_FILE
+    full_key = f"{name}|{key}|{cpu_info().cache_key()}"
+    data = _load(path)
+    if data.get(full_key) in candidates:
+        return data[full_key]
+    choice = fastest(candidates)
+    _store(path, {**_load(path), full_key: choice})
+    return choice
