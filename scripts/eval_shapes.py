@@ -1,8 +1,10 @@
-"""Score a text-to-image model on the shapes task: one image per (color, shape, background).
+"""Score a text-to-image model on the shapes task: --seeds images per (color, shape, background).
 
-Each of the 168 triples is generated with a fixed seed from its canonical caption and read
-back by plain pixel analysis (ldm.data.shapes_classifier). Prints accuracy for colour,
-shape, background, all three, and all three on the 8 held-out triples; saves a grid PNG.
+Each of the 168 triples is generated from its canonical caption with --seeds different fixed
+seeds (repeat r of triple i uses seed + i + 1000 r) and read back by plain pixel analysis
+(ldm.data.shapes_classifier). Prints accuracy for colour, shape, background, all three, all
+three on the 8 held-out triples, and the swap rate (shape and background colours exchanged, a
+typical binding error of text-conditioned models); saves a grid PNG of the first repeat.
 `--dataset` runs the same classifier on the dataset's own images instead (must be 100%).
 """
 from __future__ import annotations
@@ -33,7 +35,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dataset", action="store_true",
                    help="classify the dataset's own rendered images instead of generating")
     p.add_argument("--num", type=int, default=2000, help="--dataset: number of images (default 2000)")
-    p.add_argument("--seed", type=int, default=0, help="base seed; triple i uses seed + i (default 0)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="base seed; repeat r of triple i uses seed + i + 1000 r (default 0)")
+    p.add_argument("--seeds", type=int, default=3,
+                   help="images per triple, each with its own seed (default 3: 504 images)")
     p.add_argument("--steps", type=int, default=50, help="sampling steps (default 50, as txt2img.py)")
     p.add_argument("--sampler", default="ddim", help="sampler name (default ddim, as txt2img.py)")
     p.add_argument("--scale", type=float, default=7.5, help="guidance scale (default 7.5, as txt2img.py)")
@@ -51,16 +56,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--steps must be >= 1")
     if args.batch < 1:
         p.error("--batch must be >= 1")
+    if args.seeds < 1:
+        p.error("--seeds must be >= 1")
     return args
 
 
+SEED_STRIDE = 1000  # repeat r starts at seed + 1000 r, so repeats never share a seed (168 < 1000)
+
+
 def summarise(truth: list[Triple], predicted: list[Triple]) -> dict[str, float]:
-    """Accuracies (percent) of colour, shape, background, all three, all three on held-out."""
+    """Accuracies (percent) of colour, shape, background, all three, all three on held-out,
+    and the swap rate (shape colour read as the background's and the background's as the shape's)."""
     t, p = np.asarray(truth, dtype=object), np.asarray(predicted, dtype=object)
     hits = t == p                                               # [N, 3]
     held = np.asarray([tuple(x) in HELD_OUT_TRIPLES for x in truth])
+    swapped = (p[:, 0] == t[:, 2]) & (p[:, 2] == t[:, 0]) & (t[:, 0] != t[:, 2])
     out = {"color": hits[:, 0].mean(), "shape": hits[:, 1].mean(), "background": hits[:, 2].mean(),
-           "all": hits.all(1).mean()}
+           "all": hits.all(1).mean(), "swap": swapped.mean()}
     out["held_out_all"] = hits[held].all(1).mean() if held.any() else float("nan")
     return {k: 100.0 * float(v) for k, v in out.items()} | {"count": len(truth), "held_out_count": int(held.sum())}
 
@@ -71,6 +83,7 @@ def print_summary(summary: dict[str, float]) -> None:
     for key, label in [("color", "colour"), ("shape", "shape"), ("background", "background"),
                        ("all", "all three"), ("held_out_all", "held-out all three")]:
         print(f"{label:<22}{summary[key]:>9.1f}%")
+    print(f"{'colour/bg swapped':<22}{summary['swap']:>9.1f}%")
     print(f"({summary['count']} images, {summary['held_out_count']} of them held-out triples)")
 
 
@@ -94,7 +107,7 @@ def grid(images: dict[Triple, np.ndarray], predicted: dict[Triple, Triple], size
     return canvas
 
 
-def evaluate_dataset(args: argparse.Namespace) -> tuple[dict, dict, dict]:
+def evaluate_dataset(args: argparse.Namespace) -> tuple[dict, dict, dict, list]:
     """Classify the dataset's own images (every triple drawn, none excluded)."""
     dataset = ShapesDataset(args.num, seed=args.seed, size=args.size)
     truth, pred, images, preds = [], [], {}, {}
@@ -106,7 +119,7 @@ def evaluate_dataset(args: argparse.Namespace) -> tuple[dict, dict, dict]:
         pred.append(got)
         if spec.triple not in images:
             images[spec.triple], preds[spec.triple] = pixels, got
-    return summarise(truth, pred), images, preds
+    return summarise(truth, pred), images, preds, list(zip(truth, pred))
 
 
 def generate_images(pipe, prompts: list[str], first_seed: int, args: argparse.Namespace) -> list[np.ndarray]:
@@ -118,8 +131,9 @@ def generate_images(pipe, prompts: list[str], first_seed: int, args: argparse.Na
     return [np.asarray(image.convert("RGB")) for image in txt2img(pipe, options)]
 
 
-def evaluate_model(args: argparse.Namespace) -> tuple[dict, dict, dict]:
-    """Generate one image per triple (triple i with seed + i) and classify it."""
+def evaluate_model(args: argparse.Namespace) -> tuple[dict, dict, dict, list]:
+    """Generate args.seeds images per triple (repeat r of triple i with seed + i + 1000 r) and
+    classify them; the grid shows the first repeat."""
     import ldm
 
     ckpt = Path(args.ckpt) if args.ckpt else DEFAULT_MODEL
@@ -128,17 +142,20 @@ def evaluate_model(args: argparse.Namespace) -> tuple[dict, dict, dict]:
     pipe = ldm.load_pipeline(str(ckpt), device=args.device)
     triples = all_triples()
     truth, pred, images, preds = [], [], {}, {}
-    with tqdm(total=len(triples), desc="generate") as bar:
-        for start in range(0, len(triples), args.batch):
-            chunk = triples[start:start + args.batch]
-            for triple, pixels in zip(chunk, generate_images(pipe, [caption(t) for t in chunk],
-                                                              args.seed + start, args)):
-                got = classify(pixels).triple
-                truth.append(triple)
-                pred.append(got)
-                images[triple], preds[triple] = pixels, got
-            bar.update(len(chunk))
-    return summarise(truth, pred), images, preds
+    with tqdm(total=len(triples) * args.seeds, desc="generate") as bar:
+        for repeat in range(args.seeds):
+            for start in range(0, len(triples), args.batch):
+                chunk = triples[start:start + args.batch]
+                first_seed = args.seed + start + SEED_STRIDE * repeat
+                for triple, pixels in zip(chunk, generate_images(pipe, [caption(t) for t in chunk],
+                                                                  first_seed, args)):
+                    got = classify(pixels).triple
+                    truth.append(triple)
+                    pred.append(got)
+                    if repeat == 0:
+                        images[triple], preds[triple] = pixels, got
+                bar.update(len(chunk))
+    return summarise(truth, pred), images, preds, list(zip(truth, pred))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -146,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from ldm.errors import LdmError
     try:
-        summary, images, preds = evaluate_dataset(args) if args.dataset else evaluate_model(args)
+        summary, images, preds, records = evaluate_dataset(args) if args.dataset else evaluate_model(args)
     except (ValueError, LdmError, RuntimeError, KeyError, OSError) as err:
         print(f"error: {str(err).splitlines()[0] if str(err) else type(err).__name__}", file=sys.stderr)
         return 2
@@ -155,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     outdir.mkdir(parents=True, exist_ok=True)
     grid(images, preds, args.size).save(outdir / "grid.png")
     details = {"summary": summary, "args": vars(args),
-               "predictions": [{"truth": list(t), "predicted": list(preds[t])} for t in images]}
+               "predictions": [{"truth": list(t), "predicted": list(p)} for t, p in records]}
     (outdir / "results.json").write_text(json.dumps(details, indent=1))
     print(f"grid: {outdir / 'grid.png'}; details: {outdir / 'results.json'}")
     return 0

@@ -30,6 +30,16 @@ def test_summarise_counts_each_attribute():
     assert s["shape"] == pytest.approx(200 / 3) and s["background"] == pytest.approx(200 / 3)
     assert s["all"] == pytest.approx(100 / 3)
     assert s["held_out_all"] == 0.0 and s["held_out_count"] == 1     # (red, triangle, blue) is held out
+    assert s["swap"] == 0.0
+
+
+def test_swap_rate_counts_exchanged_colours_only():
+    ev = _load_script()
+    truth = [("red", "circle", "blue")] * 4
+    pred = [("blue", "circle", "red"), ("blue", "square", "red"), ("blue", "circle", "blue"),
+            ("red", "circle", "blue")]
+    s = ev.summarise(truth, pred)
+    assert s["swap"] == 50.0 and s["color"] == 25.0    # a swap counts whatever the shape
 
 
 def test_dataset_mode_scores_100_percent(tmp_path):
@@ -71,20 +81,48 @@ def test_generation_loop(tmp_path, monkeypatch, broken):
     ckpt.write_bytes(b"stub")
     assert ev.main(["--ckpt", str(ckpt), "--seed", "100", "--batch", "50", "--outdir", str(tmp_path / "out")]) == 0
     prompts = [p for batch, _ in calls for p in batch]
-    assert len(prompts) == len(set(prompts)) == 168
-    assert [first for _, first in calls] == [100, 150, 200, 250]     # fixed seeds: seed + index
-    summary = json.loads((tmp_path / "out" / "results.json").read_text())["summary"]
+    assert len(prompts) == 3 * 168 and len(set(prompts)) == 168   # three seeds per triple by default
+    # fixed seeds: seed + index + 1000 * repeat, so the three repeats never share a seed
+    assert [first for _, first in calls] == [100, 150, 200, 250, 1100, 1150, 1200, 1250,
+                                             2100, 2150, 2200, 2250]
+    seeds = [first + k for batch, first in calls for k in range(len(batch))]
+    assert len(set(seeds)) == 3 * 168
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    summary = results["summary"]
+    assert summary["count"] == 3 * 168 and len(results["predictions"]) == 3 * 168
     if broken is None:
         assert summary["all"] == 100.0 and summary["held_out_all"] == 100.0
     else:
         assert summary["shape"] == pytest.approx(200 / 3) and summary["color"] == 100.0
         assert summary["held_out_all"] == pytest.approx(100 * 5 / 8)   # 3 held-out triangles
+    assert summary["swap"] == 0.0
     grid = Image.open(tmp_path / "out" / "grid.png")
     assert grid.size == (len(COLORS) * 68 + 4, len(COLORS) * len(SHAPES) * 68 + 4)
     # A misread cell gets a red frame; rows go (red, circle), (red, square), (red, triangle), ...
     frame = np.asarray(grid)[4 + 2 * 68 - 2, 4 + 68 + 10]          # top frame of (red, triangle, green)
     assert (tuple(frame) == (255, 0, 0)) == (broken == "triangle")
-    assert len(HELD_OUT_TRIPLES) == summary["held_out_count"]
+    assert 3 * len(HELD_OUT_TRIPLES) == summary["held_out_count"]
+
+
+def test_one_seed_is_one_image_per_triple(tmp_path, monkeypatch):
+    import ldm
+
+    ev = _load_script()
+    calls: list = []
+    monkeypatch.setattr(ev, "generate_images", _fake_generate(None, calls))
+    monkeypatch.setattr(ldm, "load_pipeline", lambda path, **kw: object(), raising=False)
+    ckpt = tmp_path / "model.safetensors"
+    ckpt.write_bytes(b"stub")
+    assert ev.main(["--ckpt", str(ckpt), "--seeds", "1", "--batch", "84",
+                    "--outdir", str(tmp_path / "out")]) == 0
+    assert [first for _, first in calls] == [0, 84]
+
+
+def test_bad_seeds_is_one_line():
+    out = subprocess.run([sys.executable, str(SCRIPT), "--seeds", "0"], capture_output=True,
+                         text=True, cwd=ROOT)
+    assert out.returncode != 0 and "--seeds must be >= 1" in out.stderr
+    assert "Traceback" not in out.stderr
 
 
 def test_batched_generation_equals_txt2img_one_by_one():
