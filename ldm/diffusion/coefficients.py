@@ -17,7 +17,7 @@ from ldm.kernels.sampler_step import step_coefficients
 DDPM_VARIANCES = ("fixed_small", "fixed_large", "learned")
 
 
-def _vp_from_sigma(sigma: Tensor) -> tuple[Tensor, Tensor]:
+def vp_from_sigma(sigma: Tensor) -> tuple[Tensor, Tensor]:
     """(a, s) of the VP space for VE noise levels sigma (a = 1 / sqrt(1 + sigma^2), s = a sigma)."""
     a = torch.rsqrt(1 + sigma ** 2)
     return a, a * sigma
@@ -92,8 +92,8 @@ def euler_coefficients(sigmas: Tensor, eta: float = 0.0, guidance_scale: float =
     sigma_up = (sigma_next ** 2 * (sigma ** 2 - sigma_next ** 2) / sigma ** 2).clamp(min=0).sqrt()
     sigma_up = torch.minimum(sigma_next, eta * sigma_up)
     sigma_down = (sigma_next ** 2 - sigma_up ** 2).clamp(min=0).sqrt()
-    a, s = _vp_from_sigma(sigma)
-    a_next, _ = _vp_from_sigma(sigma_next)
+    a, s = vp_from_sigma(sigma)
+    a_next, _ = vp_from_sigma(sigma_next)
     return step_coefficients(a=a, s=s, guidance_scale=guidance_scale, c_x0=a_next,
                              c_eps=a_next * sigma_down, c_noise=a_next * sigma_up)
 
@@ -106,8 +106,8 @@ def dpmpp_2m_coefficients(sigmas: Tensor, guidance_scale: float = 1.0) -> Tensor
     In VP space: x' = (s'/s) x + a' (1 - sigma'/sigma) D; prev holds the previous step's x0.
     """
     sigma, sigma_next = sigmas[:-1], sigmas[1:]
-    a, s = _vp_from_sigma(sigma)
-    a_next, s_next = _vp_from_sigma(sigma_next)
+    a, s = vp_from_sigma(sigma)
+    a_next, s_next = vp_from_sigma(sigma_next)
     ratio = sigma_next / sigma
     h = torch.log(sigma / sigma_next)                      # inf on the final step (sigma' = 0)
     h_prev = torch.cat([h.new_full((1,), float("inf")), h[:-1]])

@@ -21,20 +21,25 @@ def check_steps(steps: int, num_timesteps: int) -> None:
 
 
 def spaced_timesteps(num_timesteps: int, steps: int, spacing: str = "uniform") -> Tensor:
-    """[steps] int64 timesteps, descending.
+    """int64 timesteps, descending; exactly `steps` of them except for `uniform`.
 
-    uniform:  SD's DDIM reference, range(0, T, T // S) + 1 (make_ddim_timesteps); we keep exactly
-              S of them, and drop the +1 when it would step past T - 1 (S = T).
-    leading:  range(0, T, T // S) (Lin et al. 2024, table 2).
+    uniform:  SD's DDIM reference, range(0, T, T // S) + 1 (make_ddim_timesteps in
+              ldm/modules/diffusionmodules/util.py): ceil(T / (T // S)) timesteps, which is more
+              than S whenever S does not divide T (13 for S = 12, 16 for S = 15); the +1 is
+              dropped when it would step past T - 1 (T // S = 1, where the reference indexes
+              past the end of alphas_cumprod).
+    leading:  S of range(0, T, T // S) (Lin et al. 2024, table 2).
     trailing: round(arange(T, 0, -T / S)) - 1, always including T - 1.
     linspace: round(linspace(0, T - 1, S)).
     """
     check_steps(steps, num_timesteps)
     n = num_timesteps
-    if spacing in ("uniform", "leading"):
-        t = torch.arange(steps, dtype=torch.int64) * (n // steps)
-        if spacing == "uniform" and t[-1] + 1 < n:
+    if spacing == "uniform":
+        t = torch.arange(0, n, n // steps, dtype=torch.int64)
+        if t[-1] + 1 < n:
             t = t + 1
+    elif spacing == "leading":
+        t = torch.arange(steps, dtype=torch.int64) * (n // steps)
     elif spacing == "trailing":
         t = torch.round(torch.arange(n, 0, -n / steps, dtype=torch.float64)).to(torch.int64) - 1
         t = t[:steps].flip(0)

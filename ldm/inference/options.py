@@ -22,6 +22,9 @@ MAX_GUIDANCE_SCALE = 100.0  # beyond this guidance only produces saturated noise
 AUTO_TILE_ABOVE = 96
 DEFAULT_TILE = 64
 MIN_TILE = 8
+# One-pass VAE work is refused beyond this many latent pixels (256 x 256: a 2048 x 2048 SD
+# image, whose one-pass decoder holds about 10 GB of fp32 activations); tiles bound it instead.
+MAX_ONE_PASS_LATENT_PIXELS = 256 * 256
 HR_UPSCALERS = ("latent", "pixels")
 MAX_HR_SCALE = 4.0
 
@@ -174,4 +177,8 @@ def resolve(options: SamplingOptions, pipe: "Pipeline") -> SamplingOptions:
     tile = options.vae_tile
     if tile is None:
         tile = DEFAULT_TILE if max(height, width) // factor > AUTO_TILE_ABOVE else 0
+    if tile == 0 and (height // factor) * (width // factor) > MAX_ONE_PASS_LATENT_PIXELS:
+        raise SamplingError(f"image {width}x{height} is too large for one-pass VAE work "
+                            f"(vae_tile 0): at most {MAX_ONE_PASS_LATENT_PIXELS} latent pixels; "
+                            f"use tiles, e.g. vae_tile {DEFAULT_TILE}")
     return replace(options, height=height, width=width, vae_tile=tile)
