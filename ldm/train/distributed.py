@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 
 @dataclass(frozen=True)
@@ -82,3 +84,20 @@ def barrier(info: DistInfo) -> None:
     """Wait for every rank (e.g. until rank 0 has written a checkpoint)."""
     if info.enabled:
         dist.barrier()
+
+
+def wrap_ddp(module: nn.Module, info: DistInfo, find_unused: bool = False) -> DistributedDataParallel | None:
+    """DistributedDataParallel over `module`'s trainable weights when distributed (else None):
+    gradients are averaged in buckets while the backward still runs.
+
+    The caller keeps `module` itself for state dicts (no "module." prefix), EMA and sampling;
+    only the training forward goes through the wrapper. find_unused: some trainable weights
+    may get no gradient in a step (costs a graph walk per step).
+    """
+    if not info.enabled:
+        return None
+    return DistributedDataParallel(
+        module, device_ids=[info.device] if info.device.type == "cuda" else None,
+        # nothing like BatchNorm statistics to keep in step, and the weights start equal
+        broadcast_buffers=False, find_unused_parameters=find_unused,
+        gradient_as_bucket_view=True)  # the grads live in the buckets: no second copy

@@ -20,7 +20,7 @@ from ldm.models.unet import TimestepSequential
 from ldm.pipeline import Pipeline
 from ldm.train.config import LDMTrainConfig
 from ldm.train.diffusion_loss import LossTerms, diffusion_loss
-from ldm.train.distributed import DistInfo, all_reduce_mean
+from ldm.train.distributed import DistInfo, all_reduce_mean, wrap_ddp
 from ldm.train.ema import EMA
 from ldm.train.grad_checkpoint import enable_gradient_checkpointing
 from ldm.train.loop import OptimGroup, StepContext
@@ -85,7 +85,11 @@ class LDMTask:
         self._tokens: dict[str, Tensor] = {}
         params = [p for p in self.net.parameters() if p.requires_grad]
         opt, sched = make_optimizer(params, config.optim, config.run.steps)
-        self._groups = [OptimGroup("model", params, opt, sched, config.optim.grad_clip)]
+        # A trainable text tower conditioned on its penultimate layer leaves its last block
+        # without gradients, which DDP must then be told to expect.
+        text_trainable = any(p.requires_grad for p in self.net.text_encoder.parameters())
+        self.ddp = wrap_ddp(self.net, info, find_unused=text_trainable)
+        self._groups = [OptimGroup("model", params, opt, sched, config.optim.grad_clip, self.ddp)]
 
     def modules(self) -> dict[str, nn.Module]:
         """Checkpointed state: the U-Net and text encoder."""
@@ -136,7 +140,7 @@ class LDMTask:
             noise = noise + c.noise_offset * ctx.randn(b, z.shape[1], 1, 1)
         x_t = self.terms.at("a", t) * z + self.terms.at("s", t) * noise
         with ctx.autocast():
-            output = self.net(x_t, t, tokens)
+            output = (self.ddp or self.net)(x_t, t, tokens)
         loss, logs = diffusion_loss(self.terms, output, z, noise, x_t, t, d.prediction_type,
                                     d.learned_variance, c.min_snr_gamma, c.vlb_weight,
                                     self.schedule.num_timesteps)

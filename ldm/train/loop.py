@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterator, Protocol
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from ldm.config import ConfigError, to_dict
@@ -47,6 +48,9 @@ class OptimGroup:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     clip: float = 0.0
+    # The DistributedDataParallel wrapper whose backward already averages these gradients
+    # (overlapped with the backward); None: the loop all-reduces them after the micro-steps.
+    ddp: DistributedDataParallel | None = None
 
 
 class Task(Protocol):
@@ -249,19 +253,31 @@ class Trainer:
         self.ctx.cpu_generator.manual_seed(seed)
         torch.manual_seed(seed)  # dropout and anything else using the global generator
 
+    def _accumulating(self, more: bool) -> contextlib.AbstractContextManager:
+        """While more micro-steps follow, DDP keeps gradients local (one all-reduce per step)."""
+        stack = contextlib.ExitStack()
+        if more:
+            for g in self.groups:
+                if g.ddp is not None:
+                    stack.enter_context(g.ddp.no_sync())
+        return stack
+
     def train_step(self, data: Iterator[Any]) -> dict[str, Tensor]:
         """Accumulate grad_accum micro-batches, average across ranks, clip, step, update EMA."""
         self._seed_step()
         for g in self.groups:
             g.optimizer.zero_grad(set_to_none=True)
         totals: dict[str, Tensor] = {}
-        for _ in range(self.run.grad_accum):
+        for i in range(self.run.grad_accum):
             batch = next(data)
             self.data_position += 1
-            for key, value in self.task.micro_step(batch, self.step, self.ctx).items():
+            with self._accumulating(i < self.run.grad_accum - 1):
+                logs = self.task.micro_step(batch, self.step, self.ctx)
+            for key, value in logs.items():
                 totals[key] = totals.get(key, 0.0) + value.detach().float() / self.run.grad_accum
         for g in self.groups:
-            average_gradients(g.params, self.info)
+            if g.ddp is None:
+                average_gradients(g.params, self.info)
             if self.scaler is not None:
                 self.scaler.unscale_(g.optimizer)
             if g.clip > 0:

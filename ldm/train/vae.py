@@ -38,6 +38,9 @@ class VAETask:
         steps, optim = config.run.steps, config.optim
         ae_params = list(self.autoencoder.parameters()) + [self.loss.logvar]
         opt, sched = make_optimizer(ae_params, optim, steps)
+        # No DistributedDataParallel here: the adaptive GAN weight takes torch.autograd.grad of
+        # the losses at the decoder's last layer, which DDP does not support, and the two
+        # optimizers run separate backwards; the loop all-reduces these gradients after them.
         self._groups = [OptimGroup("autoencoder", ae_params, opt, sched, optim.grad_clip)]
         if self.loss.discriminator is not None:
             d_params = list(self.loss.discriminator.parameters())
