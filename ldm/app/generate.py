@@ -1,0 +1,130 @@
+"""Page: txt2img step by step (x_t and the predicted x_0 after every step) and a guidance sweep."""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import streamlit as st
+import torch
+
+from ldm.app.common import pipeline, png_bytes, to_image
+from ldm.diffusion.samplers import SAMPLERS, STOCHASTIC_SAMPLERS
+from ldm.errors import LdmError
+from ldm.inference import (SamplingOptions, encode_prompts, latents_to_images, resolve, run_steps,
+                           sample, start_noise, txt2img)
+from ldm.inference.images import decode
+from ldm.pipeline import Pipeline
+
+MAX_FRAMES = 16  # decoding every step of a long run would cost more than the run itself
+DEFAULT_PROMPT = "a red circle on a blue background"
+
+
+def options_form() -> SamplingOptions | None:
+    """The sampling widgets as validated options (None, with the error shown, when invalid)."""
+    prompt = st.text_input("Prompt", DEFAULT_PROMPT, key="gen_prompt")
+    negative = st.text_input("Negative prompt", "", key="gen_negative")
+    cols = st.columns(5)
+    sampler = cols[0].selectbox("Sampler", list(SAMPLERS), key="gen_sampler")
+    steps = cols[1].number_input("Steps", 1, 1000, 20, key="gen_steps")
+    guidance = cols[2].slider("Guidance scale", 0.0, 20.0, 7.5, 0.5, key="gen_guidance")
+    eta = cols[3].slider("eta", 0.0, 1.0, 0.0, 0.05, key="gen_eta",
+                         disabled=sampler not in STOCHASTIC_SAMPLERS,
+                         help="Fresh noise per step; only ddim and euler_a take it.")
+    seed = cols[4].number_input("Seed", 0, 2**31 - 1, 0, key="gen_seed")
+    if not prompt.strip():
+        st.error("Enter a prompt: an empty prompt gives the model nothing to follow.")
+        return None
+    try:
+        return SamplingOptions(prompt=prompt, negative_prompt=negative, sampler=sampler,
+                               steps=int(steps), guidance_scale=float(guidance), seed=int(seed),
+                               eta=float(eta) if sampler in STOCHASTIC_SAMPLERS else None)
+    except LdmError as err:
+        st.error(str(err))
+        return None
+
+
+def trajectory(pipe: Pipeline, options: SamplingOptions) -> dict:
+    """Run one image, filling the x_t / predicted-x_0 strip as the sampler's callback fires."""
+    options = resolve(options, pipe)
+    total = run_steps(pipe, options)
+    stride = max(1, -(-total // MAX_FRAMES))
+    bar = st.progress(0.0, text="Sampling...")
+    strip_x, strip_x0 = st.empty(), st.empty()
+    frames: dict[str, list] = {"x": [], "x0": [], "captions": []}
+
+    def callback(i: int, x: torch.Tensor, denoised: torch.Tensor) -> None:
+        bar.progress((i + 1) / total, text=f"Step {i + 1} of {total}")
+        if i % stride and i != total - 1:
+            return
+        images = [to_image(p, 96) for p in decode(pipe, torch.cat([x[:1], denoised[:1]]))]
+        frames["x"].append(images[0])
+        frames["x0"].append(images[1])
+        frames["captions"].append(f"step {i + 1}")
+        strip_x.image(frames["x"], caption=frames["captions"], width=96)
+        strip_x0.image(frames["x0"], caption=frames["captions"], width=96)
+
+    context, uncond = encode_prompts(pipe, options)
+    x_T, generators = start_noise(pipe, options)
+    latents = sample(pipe, context, uncond, x_T, options, generator=generators, callback=callback)
+    bar.empty()
+    strip_x.empty()  # the finished strips are drawn once more, with the result, below
+    strip_x0.empty()
+    image = latents_to_images(pipe, latents, options.vae_tile)[0]
+    return {**frames, "image": image, "options": options}
+
+
+def parameters(options: SamplingOptions, model: str) -> dict[str, object]:
+    """What made an image, for the PNG's text chunk."""
+    return {"prompt": options.prompt, "negative_prompt": options.negative_prompt,
+            "sampler": options.sampler, "steps": options.steps, "eta": options.eta,
+            "guidance_scale": options.guidance_scale, "seed": options.seed,
+            "size": f"{options.width}x{options.height}", "model": model}
+
+
+def show_result(result: dict) -> None:
+    """The strips, the final image and its download."""
+    st.markdown("**x_t after each step** (top) and **predicted x_0** (bottom)")
+    st.image(result["x"], caption=result["captions"], width=96)
+    st.image(result["x0"], caption=result["captions"], width=96)
+    st.image(result["image"], caption="final image", width=256)
+    model = st.session_state.get("model_path") or "shapes (embedded)"
+    st.download_button("Download PNG (with parameters)",
+                       png_bytes(result["image"], parameters(result["options"], model)),
+                       file_name=f"ldm_{result['options'].seed}.png", mime="image/png",
+                       key="gen_download")
+
+
+def guidance_sweep(pipe: Pipeline, options: SamplingOptions) -> None:
+    """The same seed and prompt at several guidance scales."""
+    text = st.text_input("Guidance scales", "1, 3, 7.5, 12", key="sweep_scales")
+    if not st.button("Run sweep", key="sweep_run"):
+        return
+    try:
+        scales = [float(v) for v in text.replace(" ", "").split(",") if v]
+        runs = [replace(options, guidance_scale=s) for s in scales]
+    except (ValueError, LdmError) as err:
+        st.error(f"Guidance scales must be numbers in 0..100 separated by commas ({err})")
+        return
+    bar = st.progress(0.0, text="Sweeping guidance...")
+    images = []
+    for k, run in enumerate(runs):
+        images += txt2img(pipe, run)
+        bar.progress((k + 1) / len(runs), text=f"Scale {scales[k]:g} done")
+    bar.empty()
+    st.image(images, caption=[f"guidance {s:g}" for s in scales], width=160)
+
+
+def page() -> None:
+    """Draw the page."""
+    options = options_form()
+    pipe = pipeline()
+    if options is None or pipe is None:
+        return
+    if st.button("Generate", type="primary", key="gen_run"):
+        try:
+            st.session_state["gen_result"] = trajectory(pipe, options)
+        except LdmError as err:
+            st.error(str(err))
+    if "gen_result" in st.session_state:
+        show_result(st.session_state["gen_result"])
+    st.subheader("Guidance-scale sweep")
+    guidance_sweep(pipe, options)

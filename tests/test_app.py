@@ -1,0 +1,155 @@
+"""The Streamlit app, run headless by streamlit.testing: every page draws, widgets drive it."""
+from __future__ import annotations
+
+import io
+
+import pytest
+from conftest import ROOT
+from PIL import Image
+
+pytest.importorskip("streamlit", reason="the app's extra: pip install -e .[app]")
+from streamlit.testing.v1 import AppTest  # noqa: E402
+
+APP = ROOT / "scripts" / "app.py"
+TIMEOUT = 600  # the first run loads the embedded model; a busy CI machine is slow at it
+
+
+def open_page(name: str) -> AppTest:
+    """The app, switched to page `name`, after a run without exceptions."""
+    at = AppTest.from_file(str(APP), default_timeout=TIMEOUT)
+    at.run()
+    at.sidebar.radio(key="page").set_value(name)
+    at.run()
+    assert_clean(at)
+    assert at.title[0].value == name
+    return at
+
+
+def assert_clean(at: AppTest) -> None:
+    """No exception and no error element."""
+    assert not at.exception, [e.value for e in at.exception]
+    assert not at.error, [e.value for e in at.error]
+
+
+def image_count(at: AppTest) -> int:
+    """Pictures drawn anywhere on the page (st.image and matplotlib figures)."""
+    return sum(len(element.value) for element in at.image)
+
+
+def png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_forward_process_t_slider_and_zero_snr() -> None:
+    at = open_page("Forward process")
+    before = image_count(at)
+    assert before >= 1 + 3 + 3 + 1  # input, pixel row, latent row, schedule plots
+    at.slider(key="forward_t").set_value(900).run()
+    assert_clean(at)
+    at.checkbox(key="forward_zero_snr").check().run()
+    assert_clean(at)
+    assert image_count(at) == before + 6  # each row gains the three zero-SNR schedules
+
+
+def test_forward_process_corrupt_upload_is_an_error_not_a_crash() -> None:
+    at = open_page("Forward process")
+    at.radio(key="forward_source").set_value("Upload").run()
+    at.file_uploader(key="forward_upload").set_value(("broken.png", b"not an image", "image/png"))
+    at.run()
+    assert not at.exception
+    assert any("not a readable image" in e.value for e in at.error)
+    assert image_count(at) > 0  # the page still draws, on a shapes sample
+
+
+def test_generation_three_steps_fills_the_strips() -> None:
+    at = open_page("Generation")
+    at.selectbox(key="gen_sampler").set_value("euler")
+    at.number_input(key="gen_steps").set_value(3)
+    at.button(key="gen_run").click().run()
+    assert_clean(at)
+    strips = [e for e in at.image if len(e.value) == 3]
+    assert len(strips) == 2  # x_t and predicted x_0, one frame per step
+    assert at.get("download_button")
+
+
+def test_generation_empty_prompt_is_an_error() -> None:
+    at = open_page("Generation")
+    at.text_input(key="gen_prompt").set_value("   ").run()
+    assert not at.exception
+    assert any("prompt" in e.value for e in at.error)
+
+
+def test_guidance_sweep_grid() -> None:
+    at = open_page("Generation")
+    at.number_input(key="gen_steps").set_value(2)
+    at.text_input(key="sweep_scales").set_value("1, 7.5")
+    at.button(key="sweep_run").click().run()
+    assert_clean(at)
+    assert any(len(e.value) == 2 for e in at.image)
+    at.text_input(key="sweep_scales").set_value("1, lots")
+    at.button(key="sweep_run").click().run()
+    assert any("Guidance scales" in e.value for e in at.error)
+
+
+def test_latent_space_reconstruction_and_interpolation() -> None:
+    at = open_page("Latent space")
+    assert any(m.label == "Scale factor" for m in at.metric)
+    at.number_input(key="interp_frames").set_value(3)
+    at.number_input(key="interp_steps").set_value(2)
+    at.button(key="interp_run").click().run()
+    assert_clean(at)
+    assert any(len(e.value) == 3 for e in at.image)
+    at.radio(key="interp_mode").set_value("Prompts (seed A)")
+    at.button(key="interp_run").click().run()
+    assert_clean(at)
+
+
+def test_score_view_t_and_sampler() -> None:
+    at = open_page("Score view")
+    assert image_count(at) == 2
+    at.slider(key="score_t").set_value(600)
+    at.radio(key="score_sampler").set_value("ddpm")
+    at.number_input(key="score_steps").set_value(5).run()
+    assert_clean(at)
+    assert image_count(at) == 2
+
+
+def test_train_toy_runs_to_its_target_and_resets() -> None:
+    at = open_page("Train a tiny denoiser")
+    at.number_input(key="train_target").set_value(20)
+    at.button(key="train_start").click().run()
+    assert_clean(at)
+    assert len(at.session_state["trainer"].losses) == 20
+    assert at.session_state["train_samples"] is not None
+    at.button(key="train_reset").click().run()
+    assert not at.session_state["trainer"].losses
+
+
+def test_editing_img2img_and_inpaint_with_uploaded_mask() -> None:
+    at = open_page("Editing")
+    at.number_input(key="edit_steps").set_value(3)
+    at.slider(key="edit_strength").set_value(0.7)
+    at.button(key="edit_run").click().run()
+    assert_clean(at)
+    assert any("img2img" in caption for e in at.image for caption in e.captions)
+    at.radio(key="edit_kind").set_value("inpaint").run()
+    at.radio(key="mask_source").set_value("Upload").run()
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 48))
+    at.file_uploader(key="mask_upload").set_value(("mask.png", png(mask), "image/png"))
+    at.button(key="edit_run").click().run()
+    assert_clean(at)
+    assert any("inpaint" in caption for e in at.image for caption in e.captions)
+
+
+def test_a_checkpoint_that_fails_to_load_leaves_the_app_usable(tmp_path) -> None:
+    bad = tmp_path / "broken.safetensors"
+    bad.write_bytes(b"\x00" * 64)
+    at = open_page("Latent space")
+    at.sidebar.text_input(key="model_path").set_value(str(bad)).run()
+    assert not at.exception
+    assert any("Could not load" in e.value for e in at.error)
+    at.sidebar.text_input(key="model_path").set_value("").run()
+    assert_clean(at)
