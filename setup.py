@@ -115,6 +115,8 @@ setup(
     packages=find_packages(include=["ldm", "ldm.*"]),
     package_data={"ldm": ["assets/*.safetensors", "assets/*.json"]},
     python_requires=">=3.10",
+    # pip install -e .[app]: the Streamlit app (streamlit run scripts/app.py)
+    extras_require={"app": ["streamlit==1.64.0"]},
     ext_modules=_extensions(),
     cmdclass=_cmdclass(),
 )
