@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PROMPT ?= a red circle on a blue background
 
-.PHONY: setup run test bench clean
+.PHONY: setup browser run test bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -23,7 +23,14 @@ setup: $(VENV)/.requirements
 run: setup
 	$(BIN)/python scripts/txt2img.py --prompt "$(PROMPT)"
 
-test: setup
+# The app's browser test drives Debian's chromium and chromedriver: installed when missing
+# and apt-get can (root); elsewhere that test skips, or fails under CI=true.
+browser:
+	@if { [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; } && \
+	    command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; fi
+
+test: setup browser
 	$(BIN)/python -m pytest -q tests
 
 bench: setup
