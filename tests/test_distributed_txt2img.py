@@ -85,7 +85,7 @@ def test_two_gloo_ranks_write_the_files_of_one_process(tmp_path):
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stderr[-3000:]
     expected = _files(single)
-    assert sorted(expected) == sorted([f"grid-{n:04d}.png" for n in range(6)]
+    assert sorted(expected) == sorted([f"grid-{n:04d}.png" for n in range(5)]
                                       + [f"samples/{n:05d}.png" for n in range(3, 12)])
     got = _files(multi)
     assert sorted(got) == sorted(expected)
