@@ -1,8 +1,11 @@
-"""Our U-Net and VAE decoder vs diffusers' (the most-used peer) in the SD 2.1-base configuration.
+"""Our U-Net and VAE decoder vs diffusers' (the most-used peer) and OpenVINO's, SD 2.1-base.
 
-Random weights, copied across so both compute the same function (outputs are compared),
-timed alternately in one process; peak memory from one subprocess per measurement.
-Needs requirements-bench.txt (diffusers); the project itself never imports it.
+Random weights, copied across so all compute the same function (outputs are compared), timed
+alternately in one process; peak memory from one subprocess per measurement. OpenVINO runs the
+same diffusers module converted with openvino.convert_model (static shapes, the fp32 or bf16
+precision hint, the same thread count); conversion time is reported, not timed per call.
+Ours runs as ldm.load_pipeline prepares it: the memory format measured on this machine.
+Needs requirements-bench.txt (diffusers, openvino); the project itself never imports them.
 
     python scripts/bench_models.py                 # full table (several minutes of CPU)
     python scripts/bench_models.py --quick         # 32x32 U-Net and 256 px VAE, one repeat
@@ -14,6 +17,7 @@ import gc
 import json
 import subprocess
 import sys
+import time
 import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -22,11 +26,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+import openvino_peer
 from ldm.bench import format_table, median, peak_rss_mib, reset_peak_rss, time_alternating
 from ldm.checkpoint import PREFIXES
 from ldm.config import ModelConfig
-from ldm.runtime import compile_for_inference, prepare_for_inference, setup_cpu, tune_allocator
+from ldm.cpu import cpu_info
+from ldm.inference.setup import choose_channels_last
 from ldm.presets import PRESETS
+from ldm.runtime import compile_for_inference, prepare_for_inference, setup_cpu, tune_allocator
 
 BATCH, TOKENS, SEED = 2, 77, 0
 
@@ -157,7 +164,11 @@ def measure_memory(side: str, case: Case, opts: argparse.Namespace) -> float:
     """Peak RSS (MiB) of a fresh subprocess that builds one model and runs the call twice."""
     cmd = [sys.executable, __file__, "--_memory", json.dumps([side, case.net, case.latent,
                                                                 case.precision]),
-           "--threads", str(opts.threads), "--channels-last" if opts.channels_last else "--no-channels-last"]
+           "--threads", str(opts.threads)]
+    if opts.channels_last is not None:
+        cmd.append("--channels-last" if opts.channels_last else "--no-channels-last")
+    if not opts.autotune:
+        cmd.append("--no-autotune")
     if side == "peer" or not opts.allocator:  # the peer as its users run it: default glibc
         cmd.append("--no-allocator-tuning")
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -171,8 +182,9 @@ def memory_child(spec: str, opts: argparse.Namespace) -> None:
     case = Case(net, latent, precision)
     config = PRESETS["sd2"]()
     if side == "ours":
-        model = prepare_for_inference(build_ours(net, config), precision_dtype(precision),
-                                      channels_last=opts.channels_last)
+        model, dtype = build_ours(net, config), precision_dtype(precision)
+        model = prepare_for_inference(model, dtype,
+                                      channels_last=channels_last(model, net, config, dtype, opts))
         fn = call_ours(model, case, inputs(case, config.unet.context_dim))
     else:
         fn = call_peer(build_peer(net, config, None), case, inputs(case, config.unet.context_dim))
@@ -200,7 +212,9 @@ def run_cases(cases: list[Case], opts: argparse.Namespace) -> list[list[object]]
             continue
         ours = build_ours(net, config)
         peer = build_peer(net, config, ours)
-        ours = prepare_for_inference(ours, torch.float32, channels_last=opts.channels_last)
+        layout = channels_last(ours, net, config, torch.float32, opts)
+        ours = prepare_for_inference(ours, torch.float32, channels_last=layout)
+        converted: dict[int, object] = {}  # OpenVINO model per latent size, compiled per precision
         refs: dict[int, Tensor] = {}  # our fp32 output per latent size: the bf16 reference
         with torch.inference_mode():
             for case in net_cases:
@@ -208,16 +222,42 @@ def run_cases(cases: list[Case], opts: argparse.Namespace) -> list[list[object]]
                     refs[case.latent] = call_ours(ours, case, inputs(case, config.unet.context_dim))()
         for precision in ("fp32", "bf16"):
             if precision == "bf16":
-                ours = prepare_for_inference(ours, torch.bfloat16, channels_last=opts.channels_last)
+                layout = channels_last(ours, net, config, torch.bfloat16, opts)
+                ours = prepare_for_inference(ours, torch.bfloat16, channels_last=layout)
             for case in (c for c in net_cases if c.precision == precision):
-                rows.append(run_case(case, ours, refs.get(case.latent), peer, config, opts))
+                ov_call = None
+                if opts.openvino:
+                    example = inputs(case, config.unet.context_dim)
+                    if case.latent not in converted:
+                        start = time.perf_counter()
+                        converted[case.latent] = openvino_peer.convert(peer, net, example)
+                        print(f"OpenVINO conversion of {net} at {case.latent}: "
+                              f"{time.perf_counter() - start:.0f} s", flush=True)
+                    ov_call = openvino_peer.compile_for(converted[case.latent], case.precision,
+                                                        opts.threads)
+                rows.append(run_case(case, ours, refs.get(case.latent), peer, ov_call, config, opts))
                 print(" | ".join(map(str, rows[-1])), flush=True)
         del ours, peer
     return rows
 
 
+def channels_last(ours: nn.Module, net: str, config: ModelConfig, dtype: torch.dtype,
+                  opts: argparse.Namespace) -> bool:
+    """--channels-last when given, else the U-Net's format as load_pipeline decides it (measured
+    once per machine at SD's native 64x64 latent); the VAE follows the U-Net's choice made in
+    the same run (channels_last when there was none, e.g. in a memory subprocess)."""
+    if opts.channels_last is not None:
+        return opts.channels_last
+    if net == "unet":
+        opts.decided = getattr(opts, "decided", {})
+        opts.decided[dtype] = choose_channels_last(ours, config.unet, dtype, 64,
+                                                   autotune=opts.autotune)
+    return getattr(opts, "decided", {}).get(dtype, True)
+
+
 def run_case(case: Case, ours: nn.Module, ref: Tensor | None, peer: nn.Module,
-             config: ModelConfig, opts: argparse.Namespace) -> list[object]:
+             ov_call: Callable[..., Tensor] | None, config: ModelConfig,
+             opts: argparse.Namespace) -> list[object]:
     args = inputs(case, config.unet.context_dim)
     if opts.compile and case.net == "unet":  # fresh per case (weights frozen in)
         # ours was converted to bf16 in place after the fp32 cases: dynamo's guards do not see
@@ -226,24 +266,30 @@ def run_case(case: Case, ours: nn.Module, ref: Tensor | None, peer: nn.Module,
         torch._dynamo.reset()
         ours = compile_for_inference(ours)
     fns = {"ours": call_ours(ours, case, args), "peer": call_peer(peer, case, args)}
+    if ov_call is not None:
+        fns["openvino"] = lambda: ov_call(*args)
     with torch.inference_mode():
-        out_ours, out_peer = fns["ours"]().float(), fns["peer"]().float()
-        # agreement: fp32 ours vs peer; bf16 (both sides) vs our fp32 (the 2% target)
-        ref = out_peer if case.precision == "fp32" else ref
-        err = rel_l2(out_ours, ref)
-        peer_err = rel_l2(out_peer, ref) if case.precision == "bf16" else 0.0
+        outs = {name: fn().float() for name, fn in fns.items()}
+        # agreement: fp32 vs diffusers' fp32; bf16 (every side) vs our fp32 (the 2% target)
+        ref = outs["peer"] if case.precision == "fp32" else ref
+        errs = {name: rel_l2(out, ref) for name, out in outs.items()}
         times = time_alternating(fns, opts.repeats, warmup=0)  # the agreement calls warmed up
-    t_ours, t_peer = median(times["ours"]), median(times["peer"])
-    row: list[object] = [case.label, f"{t_ours:.3f}", f"{t_peer:.3f}", f"{t_ours / t_peer:.2f}",
-                         f"{err:.1e}" + ("" if case.precision == "fp32" else f" (peer {peer_err:.1e})")]
+    t = {name: median(values) for name, values in times.items()}
+    err = f"{errs['ours']:.1e}" + ("" if case.precision == "fp32" else f" (peer {errs['peer']:.1e})")
+    row: list[object] = [case.label, f"{t['ours']:.3f}", f"{t['peer']:.3f}",
+                         f"{t['ours'] / t['peer']:.2f}", err]
+    if ov_call is not None:
+        row += [f"{t['openvino']:.3f}", f"{t['ours'] / t['openvino']:.2f}",
+                f"{errs['openvino']:.1e}"]
     if opts.memory:
         m_ours, m_peer = (measure_memory(s, case, opts) for s in ("ours", "peer"))
         row += [f"{m_ours:.0f}", f"{m_peer:.0f}", f"{m_ours / m_peer:.2f}"]
     return row
 
 
-HEADERS = ["case (SD 2.1-base, 2 threads)", "ours s", "diffusers s", "ours/peer",
-           "rel L2 err", "ours peak MiB", "peer peak MiB", "mem ratio"]
+HEADERS = ["case (SD 2.1-base)", "ours s", "diffusers s", "ours/diffusers", "rel L2 err"]
+OPENVINO_HEADERS = ["OpenVINO s", "ours/OpenVINO", "OpenVINO rel L2 err"]
+MEMORY_HEADERS = ["ours peak MiB", "peer peak MiB", "mem ratio"]
 
 
 def main() -> None:
@@ -259,8 +305,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-memory", dest="memory", action="store_false",
                         help="skip the peak-memory subprocesses")
-    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
-                        help="run ours in channels_last memory format (default on)")
+    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                        help="force ours into (or out of) channels_last; default: the format "
+                             "ldm.load_pipeline measures on this machine")
+    parser.add_argument("--no-autotune", dest="autotune", action="store_false",
+                        help="no measured memory format: channels_last, as with txt2img's flag")
+    parser.add_argument("--openvino", action=argparse.BooleanOptionalAction,
+                        default=openvino_peer.available(),
+                        help="add OpenVINO as a second peer (default: when it is installed)")
     parser.add_argument("--no-allocator-tuning", dest="allocator", action="store_false")
     parser.add_argument("--compile", action="store_true",
                         help="time ours through ldm.runtime.compile_for_inference (inductor with "
@@ -277,9 +329,11 @@ def main() -> None:
     if opts.quick:
         opts.sizes, opts.repeats, opts.memory = [32], 1, False
     cases = [Case(n, s, p) for n in opts.nets for p in opts.precisions for s in opts.sizes]
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
+    print(f"{cpu_info().describe()}; torch {torch.__version__}, {torch.get_num_threads()} "
+          "threads", flush=True)
     rows = run_cases(cases, opts)
-    headers = HEADERS if opts.memory else HEADERS[:5]
+    headers = HEADERS + (OPENVINO_HEADERS if opts.openvino else []) + \
+        (MEMORY_HEADERS if opts.memory else [])
     print()
     print(format_table(headers, rows))
 

@@ -7,11 +7,15 @@ sd2-base: the SD 2.1-base architecture (U-Net 865.9M, VAE 83.7M, OpenCLIP ViT-H-
 from open_clip's registry) with random weights; nothing is downloaded.
 
     python scripts/bench_txt2img.py --side peer --precision bf16   # diffusers' pipeline, same job
+    python scripts/bench_txt2img.py --side openvino --precision bf16   # its U-Net and VAE in OpenVINO
 
 --side peer runs diffusers' StableDiffusionPipeline in the same configuration (random weights,
 transformers' CLIPTextModel in the SD 2.x text-tower configuration, DDIM) for the time and
 peak-memory comparison; it has no tokenizer files offline, so it is given the text encoder's
-embeddings of fixed token ids (the encoder still runs inside the timed call).
+embeddings of fixed token ids (the encoder still runs inside the timed call). --side openvino
+is the same diffusers pipeline with its U-Net and VAE decoder converted by OpenVINO
+(scripts/openvino_peer.py: static shapes, precision hint, same thread count; conversion untimed).
+Every run prints the CPU model and the flags the project's choices depend on.
 """
 from __future__ import annotations
 
@@ -22,10 +26,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from ldm.bench import format_table, median, peak_rss_mib, reset_peak_rss
-from ldm.runtime import prepare_pipeline, setup_cpu
+from ldm.inference.setup import prepare_pipeline
+from ldm.runtime import setup_cpu
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -71,16 +75,17 @@ class PeakMemory:
         return f"peak RSS: load {self.load_mib:.0f} MiB, runs {runs}"
 
 
-def load(model: str, dtype: torch.dtype, channels_last: bool, compile: bool = False) -> "object":
+def load(model: str, dtype: torch.dtype, channels_last: bool | None, compile: bool = False,
+         autotune: bool = True) -> "object":
     """A Pipeline: the SD 2.1-base architecture with random weights, or a checkpoint file."""
     import ldm
     from ldm.pipeline import Pipeline
     if model == "sd2-base":
         pipe = Pipeline.from_config("sd2", dtype=dtype, seed=0)
     else:
-        pipe = ldm.load_pipeline(Path(model), dtype=dtype)
+        pipe = ldm.load_pipeline(Path(model), dtype=dtype, prepare=False)
     pipe.text_encoder.eval().requires_grad_(False)
-    return prepare_pipeline(pipe, channels_last=channels_last, compile=compile)
+    return prepare_pipeline(pipe, channels_last=channels_last, compile=compile, autotune=autotune)
 
 
 def load_peer(dtype: torch.dtype) -> "object":
@@ -145,7 +150,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="sd2-base",
                         help="'sd2-base' (random weights) or a checkpoint path")
-    parser.add_argument("--precision", default="bf16", choices=list(PRECISIONS))
+    parser.add_argument("--precision", default="auto", choices=["auto", *PRECISIONS],
+                        help="auto (default): what txt2img picks on this CPU (bf16 with "
+                             "avx512_bf16 or amx_bf16, else fp32)")
     parser.add_argument("--size", type=int, default=None,
                         help="image side in pixels (default: the model's native size, 512 for SD)")
     parser.add_argument("--steps", type=int, default=20)
@@ -155,18 +162,32 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="timed runs after one warm-up")
     parser.add_argument("--no-warmup", dest="warmup", action="store_false")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
-                        help="U-Net and VAE in channels_last (default on)")
+    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                        help="force the U-Net and VAE into (or out of) channels_last; default: "
+                             "the format ldm.load_pipeline measures on this machine")
+    parser.add_argument("--no-autotune", dest="autotune", action="store_false",
+                        help="no measured memory format: channels_last")
     parser.add_argument("--compile", action="store_true", help="torch.compile the U-Net")
     parser.add_argument("--no-allocator-tuning", dest="allocator", action="store_false")
-    parser.add_argument("--side", choices=["ours", "peer"], default="ours",
+    parser.add_argument("--side", choices=["ours", "peer", "openvino", "all"], default="ours",
                         help="peer: diffusers' pipeline instead (sd2-base only, DDIM, glibc's "
-                             "default allocator; needs requirements-bench.txt)")
+                             "default allocator; needs requirements-bench.txt); openvino: the "
+                             "same with its U-Net and VAE decoder run by OpenVINO; all: every "
+                             "side in one process, runs alternating, one allocator setting "
+                             "for all, ratios (no per-side memory)")
     opts = parser.parse_args()
-    if opts.side == "peer":
+    from ldm.cpu import cpu_info
+    from ldm.inference.setup import default_precision
+    if opts.precision == "auto":
+        opts.precision = default_precision("cpu")
+    print(f"{cpu_info().describe()}; torch {torch.__version__}", flush=True)
+    if opts.side == "all":
+        return main_all(opts)
+    if opts.side != "ours":
         return main_peer(opts)
     setup_cpu(opts.threads, allocator=opts.allocator, dtype=PRECISIONS[opts.precision])
-    pipe = load(opts.model, PRECISIONS[opts.precision], opts.channels_last, opts.compile)
+    pipe = load(opts.model, PRECISIONS[opts.precision], opts.channels_last, opts.compile,
+                opts.autotune)
     memory = PeakMemory()
     if opts.size is None:
         from ldm.inference import default_image_size
@@ -184,18 +205,56 @@ def main() -> None:
     print(format_table(["part", "seconds", "share"], rows))
 
 
-def main_peer(opts: argparse.Namespace) -> None:
-    """The same job through diffusers: total seconds and peak RSS."""
+def main_all(opts: argparse.Namespace) -> None:
+    """Ours, diffusers and diffusers + OpenVINO in one process, runs alternating: the ratios."""
+    import openvino_peer
+
+    from ldm.bench import time_alternating
     if opts.model != "sd2-base" or opts.sampler != "ddim":
-        raise SystemExit("error: --side peer runs only --model sd2-base with --sampler ddim")
-    setup_cpu(opts.threads, allocator=False)  # the peer with glibc's defaults, as its users run
-    pipe = load_peer(PRECISIONS[opts.precision])
-    memory = PeakMemory()
+        raise SystemExit("error: --side all runs only --model sd2-base with --sampler ddim")
+    dtype = PRECISIONS[opts.precision]
+    setup_cpu(opts.threads, allocator=opts.allocator, dtype=dtype)
     opts.size = opts.size or 512
+    ours = load(opts.model, dtype, opts.channels_last, opts.compile, opts.autotune)
+    peer = load_peer(dtype)
+    sides = {"ours": lambda o: run_once(ours, o), "diffusers": lambda o: run_peer_once(peer, o)}
+    if openvino_peer.available():
+        openvino = load_peer(torch.float32)
+        seconds = openvino_peer.patch_pipeline(openvino, opts.size, opts.precision, opts.threads)
+        print(f"OpenVINO conversion and compilation: {seconds:.0f} s", flush=True)
+        sides["diffusers + OpenVINO"] = lambda o: run_peer_once(openvino, o)
+    one_step = argparse.Namespace(**{**vars(opts), "steps": 1})
+    if opts.warmup:
+        for run in sides.values():
+            run(one_step)
+    times = time_alternating({name: (lambda r=run: r(opts)) for name, run in sides.items()},
+                             opts.repeats, warmup=0)
+    ours_s = median(times["ours"])
+    rows = [[name, f"{median(t):.2f}", f"{ours_s / median(t):.2f}"] for name, t in times.items()]
+    print(f"sd2-base, {opts.precision}, {opts.size}x{opts.size}, {opts.steps} steps ddim, "
+          f"guidance {opts.scale}, {torch.get_num_threads()} threads, allocator "
+          f"{'tuned' if opts.allocator else 'glibc default'} for all, {opts.repeats} runs each")
+    print(format_table(["side", "seconds", "ours / side"], rows))
+
+
+def main_peer(opts: argparse.Namespace) -> None:
+    """The same job through diffusers (or its OpenVINO-converted networks): seconds, peak RSS."""
+    if opts.model != "sd2-base" or opts.sampler != "ddim":
+        raise SystemExit(f"error: --side {opts.side} runs only --model sd2-base with --sampler ddim")
+    setup_cpu(opts.threads, allocator=False)  # the peer with glibc's defaults, as its users run
+    opts.size = opts.size or 512
+    if opts.side == "openvino":
+        import openvino_peer
+        pipe = load_peer(torch.float32)
+        seconds = openvino_peer.patch_pipeline(pipe, opts.size, opts.precision, opts.threads)
+        print(f"OpenVINO conversion and compilation: {seconds:.0f} s")
+    else:
+        pipe = load_peer(PRECISIONS[opts.precision])
+    memory = PeakMemory()
     if opts.warmup:
         run_peer_once(pipe, argparse.Namespace(**{**vars(opts), "steps": 1}))
     total = median([run_peer_once(pipe, opts)["total"] for _ in range(opts.repeats)])
-    print(f"peer (diffusers), sd2-base, {opts.precision}, {opts.size}x{opts.size}, {opts.steps} "
+    print(f"peer ({'diffusers' if opts.side == 'peer' else 'diffusers + OpenVINO'}), sd2-base, {opts.precision}, {opts.size}x{opts.size}, {opts.steps} "
           f"steps ddim, guidance {opts.scale}, {torch.get_num_threads()} threads, "
           f"{memory.report()}")
     print(format_table(["part", "seconds", "share"], [["total", f"{total:.3f}", "100.00%"]]))

@@ -69,7 +69,7 @@ def test_load_pipeline_gives_frozen_networks_in_the_measured_format(tmp_path) ->
     assert pipe.dtype == (torch.bfloat16 if cpu_info().native_bf16 else torch.float32)
     assert not pipe.unet.training and not any(p.requires_grad for p in pipe.unet.parameters())
     stored = json.loads((autotune.cache_dir() / autotune.CACHE_FILE).read_text())
-    (choice,) = [v for k, v in stored.items() if k.startswith("channels_last|unet 32x[1, 2]")]
+    (choice,) = [v for k, v in stored.items() if k.startswith("channels_last|unet 32x[1, 2] in 4")]
     conv = pipe.unet.input_blocks[0][0].weight
     assert conv.is_contiguous(memory_format=torch.channels_last) == (choice == "on")
     raw = ldm.load_pipeline(path, dtype="fp32", prepare=False)

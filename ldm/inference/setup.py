@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from ldm.config import ModelConfig
+from ldm.config import ModelConfig, UNetConfig
 from ldm.cpu import cpu_info
 from ldm.inference.autotune import decide
 from ldm.inference.options import default_image_size
@@ -29,38 +29,32 @@ def default_precision(device: str | torch.device) -> str:
     return "bf16" if cpu_info().native_bf16 else "fp32"
 
 
-def _unet_call(pipe: Pipeline, batch: int = 2):
-    """A U-Net call at the model's native size with a CFG-sized batch (what sampling runs)."""
-    side = default_image_size(pipe) // pipe.downsampling_factor
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, pipe.latent_channels, side, side, generator=generator)
-    context = torch.randn(batch, 77, pipe.config.unet.context_dim, generator=generator)
-    x, context = x.to(pipe.device, pipe.dtype), context.to(pipe.device, pipe.dtype)
-    t = torch.full((batch,), 500, device=pipe.device)
-
-    def call() -> None:
-        with torch.inference_mode():
-            pipe.unet(x, t, context)
-    return call
-
-
-def choose_channels_last(pipe: Pipeline, autotune: bool = True) -> bool:
-    """channels_last convolutions or not, measured once per CPU, model width and dtype.
+def choose_channels_last(unet: torch.nn.Module, config: UNetConfig, dtype: torch.dtype,
+                         latent_side: int, device: str | torch.device = "cpu",
+                         autotune: bool = True) -> bool:
+    """channels_last convolutions or not, measured once per CPU, U-Net width and dtype.
 
     On CUDA channels_last is kept (cuDNN's NHWC kernels); on the CPU oneDNN's choice of blocked
-    layouts differs by processor, so the two formats are timed on a U-Net call."""
-    if pipe.device.type != "cpu":
+    layouts differs by processor, so both formats are timed on a U-Net call with a CFG-sized
+    batch of 2 at `latent_side` (the module is left in the format timed last)."""
+    if torch.device(device).type != "cpu":
         return True
-    unet = pipe.config.unet
-    key = (f"unet {unet.model_channels}x{unet.channel_mult} ctx {unet.context_dim} "
-           f"{str(pipe.dtype).removeprefix('torch.')} threads {torch.get_num_threads()}")
-    call = _unet_call(pipe)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, config.in_channels, latent_side, latent_side, generator=generator)
+    context = torch.randn(2, 77, config.context_dim, generator=generator)
+    x, context = x.to(device, dtype), context.to(device, dtype)
+    t = torch.full((2,), 500, device=device)
+    extra = {"y": torch.zeros(2, dtype=torch.long)} if getattr(config, "num_classes", None) else {}
 
     def timed(channels_last: bool):
         def run() -> None:
-            prepare_for_inference(pipe.unet, pipe.dtype, channels_last=channels_last)
-            call()
+            prepare_for_inference(unet, dtype, channels_last=channels_last)
+            with torch.inference_mode():
+                unet(x, t, context, **extra)
         return run
+    key = (f"unet {config.model_channels}x{config.channel_mult} in {config.in_channels} "
+           f"ctx {config.context_dim} side {latent_side} {str(dtype).removeprefix('torch.')} "
+           f"threads {torch.get_num_threads()}")
     choice = decide("channels_last", key, {"on": timed(True), "off": timed(False)},
                     default="on", enabled=autotune)
     return choice == "on"
@@ -71,7 +65,9 @@ def prepare_pipeline(pipe: Pipeline, channels_last: bool | None = None, compile:
     """Frozen eval-mode networks in the pipeline's dtype (in place); channels_last None decides
     per machine (choose_channels_last); compile wraps the U-Net (compile_for_inference)."""
     if channels_last is None:
-        channels_last = choose_channels_last(pipe, autotune)
+        side = default_image_size(pipe) // pipe.downsampling_factor
+        channels_last = choose_channels_last(pipe.unet, pipe.config.unet, pipe.dtype, side,
+                                             pipe.device, autotune)
     for net in (pipe.unet, pipe.autoencoder):
         prepare_for_inference(net, pipe.dtype, channels_last=channels_last)
     release_free_memory()  # what loading and converting freed
