@@ -34,7 +34,7 @@ def parser(description: str, default_out: str) -> argparse.ArgumentParser:
 
 def resolve(args: argparse.Namespace, cls: type, default_out: str):
     """(config, output folder) from --config/--resume/overrides; raises a user error if unusable."""
-    from ldm.config import apply_overrides, load_yaml, to_dict
+    from ldm.config import apply_overrides, load_yaml
     if args.resume:
         ckpt = find_checkpoint(args.resume)
         out = Path(args.out) if args.out else ckpt.parent.parent

@@ -20,10 +20,10 @@ from typing import Any, Callable, Iterator, Protocol
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.nn.parallel import DistributedDataParallel
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+from torch.nn.parallel import DistributedDataParallel
 
-from ldm.config import ConfigError, to_dict
+from ldm.config import ConfigError
 from ldm.errors import LdmError
 from ldm.train.config import EMAConfig, RunConfig
 from ldm.train.distributed import DistInfo, any_rank
