@@ -26,6 +26,9 @@ from ldm.eval.errors import EvalError  # noqa: E402
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "ldm" / "assets" / "shapes.safetensors"
 PROG = "evaluate.py"
+# Images per cell of --table ddim: its 16 cells cost 720 sampling steps per image; at about
+# 80 ms per image-step (unguided, one thread of a busy two-core CPU) 18 images take 20 minutes.
+TABLE_N = 18
 
 
 class Parser(argparse.ArgumentParser):
@@ -49,7 +52,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ckpt", help="generate the fake set with this model ('default': the shipped one)")
     p.add_argument("--prompts", help="--ckpt: prompts file, one per line (cycled to --n images)")
     p.add_argument("--n", type=int, default=None,
-                   help="--ckpt: images to generate (default: one per prompt); --table: images per cell (default 128)")
+                   help="--ckpt: images to generate (default: one per prompt); --table: images per cell "
+                        f"(default {TABLE_N})")
     p.add_argument("--table", choices=["ddim"], help="ddim: the DDIM paper's steps x eta table on --ckpt")
     p.add_argument("--num-real", type=int, default=2000, help="--table: held-out real images (default 2000)")
     p.add_argument("--features", choices=["inception", "shapes"], default=None,
@@ -62,10 +66,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=50, help="--ckpt: sampling steps (default 50)")
     p.add_argument("--sampler", default="ddim", help="--ckpt: sampler (default ddim)")
     p.add_argument("--eta", type=float, default=None, help="--ckpt: eta (default: the sampler's)")
-    p.add_argument("--guidance-scale", type=float, default=7.5, help="guidance scale (default 7.5)")
+    p.add_argument("--guidance-scale", type=float, default=None,
+                   help="guidance scale (default 7.5; --table: 1, unguided as the DDIM paper's models)")
     p.add_argument("--seed", type=int, default=0, help="--ckpt: image i uses seed + i (default 0)")
     p.add_argument("--batch", type=int, default=32, help="images generated together (default 32)")
-    p.add_argument("--save-fake", default=None, help="--ckpt: also save the generated images here")
+    p.add_argument("--save-fake", default=None,
+                   help="--ckpt: also save the generated images here (--table: one folder per cell)")
     p.add_argument("--kid-subsets", type=int, default=100, help="KID subsets (default 100)")
     p.add_argument("--kid-subset-size", type=int, default=1000, help="KID subset size (default 1000)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -74,7 +80,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.table:
         if args.real or args.fake or args.prompts:
             p.error("--table generates its own real and fake sets; drop --real, --fake and --prompts")
-        args.n = 128 if args.n is None else args.n
+        args.n = TABLE_N if args.n is None else args.n
     elif args.ckpt:
         if not args.real or not args.prompts:
             p.error("--ckpt needs --real DIR (what to compare with) and --prompts FILE")
@@ -132,8 +138,8 @@ def sampling_options(args: argparse.Namespace):
     """The front door's options for generation (validated there)."""
     import ldm
 
-    return ldm.SamplingOptions(steps=args.steps, sampler=args.sampler, eta=args.eta,
-                               guidance_scale=args.guidance_scale)
+    scale = args.guidance_scale if args.guidance_scale is not None else (1.0 if args.table else 7.5)
+    return ldm.SamplingOptions(steps=args.steps, sampler=args.sampler, eta=args.eta, guidance_scale=scale)
 
 
 def fake_set(args: argparse.Namespace) -> tuple[list[np.ndarray], list[str] | None]:
@@ -209,13 +215,14 @@ def run_table(args: argparse.Namespace) -> None:
     from ldm.eval.ddim_table import markdown, run_table as table, write_outputs
 
     args.features = args.features or "shapes"
-    extractor = make_extractor(args)
+    extractor = make_extractor(args)  # checked now; loaded again after generation, which may be long
     if args.n < extractor.dim + 1:
         raise EvalError(f"{extractor.metric_prefix}FID with {extractor.dim}-dimensional features needs "
                         f"--n >= {extractor.dim + 1} images per cell, got {args.n}")
     options, pipe = sampling_options(args), load_pipe(args)
     start = time.perf_counter()
-    result = table(pipe, options, extractor, args.n, args.num_real, batch=args.batch)
+    result = table(pipe, options, lambda: make_extractor(args), args.n, args.num_real, batch=args.batch,
+                   save_dir=args.save_fake)
     result["seconds"] = time.perf_counter() - start
     print(markdown(result))
     paths = write_outputs(result, args.out or "outputs/ddim_table.json")

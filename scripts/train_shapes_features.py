@@ -32,9 +32,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=str(DEFAULT_WEIGHTS), help="weights file (default: the shipped asset)")
     p.add_argument("--num", type=int, default=8000, help="training images (default 8000)")
-    p.add_argument("--epochs", type=int, default=6, help="passes over the images (default 6)")
+    p.add_argument("--epochs", type=int, default=12, help="passes over the images (default 12)")
     p.add_argument("--batch", type=int, default=128, help="batch size (default 128)")
-    p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: on a busy CPU a second thread mostly waits)")
     return p.parse_args(argv)
 
 

@@ -116,17 +116,22 @@ def test_clip_bad_inputs(tiny_clip, tmp_path: Path) -> None:
         ClipScorer(str(config), tmp_path / "bad.pt")
 
 
+@pytest.mark.slow
 def test_ddim_table_small(tmp_path: Path) -> None:
     import ldm
     from ldm.eval.ddim_table import markdown, run_table, write_outputs
 
     pipe = ldm.load_pipeline(str(Path(ldm.__file__).parent / "assets" / "shapes.safetensors"))
     n = FEATURE_DIM + 1
-    result = run_table(pipe, ldm.SamplingOptions(), ShapesExtractor(), n, 40, batch=n,
-                       steps=(2,), etas=(0.0, 1.0), log=lambda line: None)
-    assert [(c["eta"], c["steps"]) for c in result["cells"]] == [(0.0, 2), (1.0, 2)]
+    options = ldm.SamplingOptions(guidance_scale=1.0)
+    kwargs = dict(batch=n, steps=(1,), etas=(0.0, 1.0), log=lambda line: None, save_dir=tmp_path / "cells")
+    result = run_table(pipe, options, ShapesExtractor, n, 40, **kwargs)
+    # A rerun reuses the saved cells (same images, same scores) instead of generating again.
+    again = run_table(None, options, ShapesExtractor, n, 40, **kwargs)
+    assert again["cells"] == result["cells"]
+    assert [(c["eta"], c["steps"]) for c in result["cells"]] == [(0.0, 1), (1.0, 1)]
     assert all(c["fid"] > 0 and 0 <= c["judge_all"] <= 100 for c in result["cells"])
     table = markdown(result)
-    assert "| eta | S = 2 |" in table and "| 1 |" in table
+    assert "| eta | S = 1 |" in table and "| 1 |" in table
     paths = write_outputs(result, tmp_path / "t.json")
     assert all(p.is_file() for p in paths) and not list(tmp_path.glob("*.tmp*"))

@@ -130,3 +130,11 @@ def test_precision_recall_subset() -> None:
 def test_precision_recall_too_few() -> None:
     with pytest.raises(EvalError, match="at least 4"):
         precision_recall(np.zeros((3, 2)), np.zeros((10, 2)))
+
+
+def test_kid_small_sets_use_half_subsets() -> None:
+    rng = np.random.default_rng(8)
+    mean, stderr = kernel_inception_distance(rng.standard_normal((20, 4)), rng.standard_normal((30, 4)), 20, 1000)
+    assert stderr > 0 and np.isfinite(mean)
+    with pytest.raises(EvalError, match="at least 4"):
+        kernel_inception_distance(np.zeros((3, 2)), np.zeros((10, 2)))

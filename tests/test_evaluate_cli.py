@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 from PIL import Image
 
@@ -96,7 +95,7 @@ def test_mixed_sizes_are_resized(tmp_path, folders, capsys) -> None:
 @pytest.mark.parametrize("case, words", [
     ("missing", ["--fake", "not found"]),
     ("empty", ["--fake", "no images"]),
-    ("few", ["shapes-FID", f"at least {FEATURE_DIM + 1} images", "got 3 fake"]),
+    ("few", ["shapes-FID", f"at least {FEATURE_DIM + 1} images", "and 3 fake"]),
     ("inception", ["weights-inception-2015-12-05", "github.com/toshas/torch-fidelity/releases",
                    "--inception-weights"]),
     ("inception_file", ["Inception weights not found", "nope.pth"]),
@@ -133,13 +132,15 @@ def test_bad_input(case: str, words: list[str], folders, tmp_path, capsys, monke
     assert not out_json.exists()
 
 
+@pytest.mark.slow
 def test_generate_then_score(folders, tmp_path, capsys) -> None:
     real, _ = folders
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle on a blue background\na green square on a white background\n")
     saved = tmp_path / "generated"
     code, out, err = run(["--real", str(real), "--ckpt", "default", "--prompts", str(prompts),
-                          "--n", str(FEATURE_DIM + 1), "--steps", "2", "--batch", str(FEATURE_DIM + 1),
+                          "--n", str(FEATURE_DIM + 1), "--steps", "1", "--guidance-scale", "1",
+                          "--batch", str(FEATURE_DIM + 1),
                           "--kid-subsets", "5", "--save-fake", str(saved),
                           "--out", str(tmp_path / "r.json")], capsys)
     assert code == 0, err

@@ -17,9 +17,9 @@ import numpy as np
 from ldm.data.shapes import HELD_OUT_TRIPLES, ShapesDataset, caption, render
 from ldm.data.shapes_classifier import classify
 from ldm.eval.frechet import frechet_distance_from_features
-from ldm.eval.generate import generate
+from ldm.eval.generate import generate, save_images
 from ldm.eval.kid import kernel_inception_distance
-from ldm.eval.metrics import extract
+from ldm.eval.metrics import Extractor, extract
 
 STEPS = (10, 20, 50, 100)
 ETAS = (0.0, 0.2, 0.5, 1.0)
@@ -42,32 +42,59 @@ def judge_accuracy(images: list[np.ndarray], triples: list[tuple[str, str, str]]
     return 100.0 * float(np.mean([classify(im).triple == t for im, t in zip(images, triples)]))
 
 
-def run_table(pipe, options, extractor, num_fake: int, num_real: int, batch: int = 32,
-              steps: tuple[int, ...] = STEPS, etas: tuple[float, ...] = ETAS,
-              log: Callable[[str], None] = print) -> dict:
-    """Every (eta, S) cell: shapes-FID, shapes-KID, judge accuracy, seconds."""
+def cell_images(pipe, options, prompts: list[str], eta: float, steps: int, batch: int,
+                folder: Path | None) -> tuple[list[np.ndarray], float]:
+    """One cell's images and generation seconds; a finished cell saved in `folder` is reused."""
+    from ldm.eval.images import list_images, read_images
+
+    marker = folder / "cell.json" if folder is not None else None
+    expected = {"eta": eta, "steps": steps, "prompts": prompts, "guidance_scale": options.guidance_scale}
+    if marker is not None and marker.is_file():
+        saved = json.loads(marker.read_text())
+        if {k: saved.get(k) for k in expected} == expected:
+            return read_images(list_images(folder, "cell")), saved["seconds"]
+    start = time.perf_counter()
+    cell_options = dataclasses.replace(options, sampler="ddim", steps=steps, eta=eta)
+    images = generate(pipe, cell_options, prompts, seed=0, batch=batch)
+    seconds = time.perf_counter() - start
+    if marker is not None:
+        save_images(images, prompts, folder)
+        marker.write_text(json.dumps(expected | {"seconds": seconds}))  # written last: the cell is complete
+    return images, seconds
+
+
+def run_table(pipe, options, make_extractor: Callable[[], Extractor], num_fake: int, num_real: int,
+              batch: int = 32, steps: tuple[int, ...] = STEPS, etas: tuple[float, ...] = ETAS,
+              log: Callable[[str], None] = print, save_dir: str | Path | None = None) -> dict:
+    """Every (eta, S) cell: shapes-FID, shapes-KID, judge accuracy, seconds.
+
+    All cells are generated first (and saved in save_dir/eta<eta>_S<S>, reused by a rerun), then
+    scored with the feature network `make_extractor()` returns.
+    """
     real_images, real_triples = real_set(num_real)
-    real_feats, _ = extract(extractor, real_images)
     triples = real_triples[:num_fake] if num_fake <= num_real else real_set(num_fake)[1]
     prompts = [caption(t) for t in triples]
-    cells = []
+    generated = {}
     for eta in etas:
         for s in steps:
-            start = time.perf_counter()
-            cell_options = dataclasses.replace(options, sampler="ddim", steps=s, eta=eta)
-            images = generate(pipe, cell_options, prompts, seed=0, batch=batch)
-            seconds = time.perf_counter() - start
-            feats, _ = extract(extractor, images)
-            kid, kid_se = kernel_inception_distance(real_feats, feats, 100, min(1000, num_fake))
-            cell = {"eta": eta, "steps": s, "fid": frechet_distance_from_features(real_feats, feats),
-                    "kid": kid, "kid_stderr": kid_se, "judge_all": judge_accuracy(images, triples),
-                    "seconds": seconds}
-            cells.append(cell)
-            log(f"eta {eta:<4g} S {s:<4d} shapes-FID {cell['fid']:8.3f}  shapes-KID {kid:.4f} ± {kid_se:.4f}  "
-                f"judge {cell['judge_all']:5.1f}%  {seconds:.0f}s")
+            folder = Path(save_dir) / f"eta{eta:g}_S{s}" if save_dir is not None else None
+            generated[eta, s] = cell_images(pipe, options, prompts, eta, s, batch, folder)
+            log(f"eta {eta:<4g} S {s:<4d} generated in {generated[eta, s][1]:.0f}s")
+    extractor = make_extractor()
+    real_feats, _ = extract(extractor, real_images)
+    cells = []
+    for (eta, s), (images, seconds) in generated.items():
+        feats, _ = extract(extractor, images)
+        kid, kid_se = kernel_inception_distance(real_feats, feats, 100, 1000)
+        cell = {"eta": eta, "steps": s, "fid": frechet_distance_from_features(real_feats, feats),
+                "kid": kid, "kid_stderr": kid_se, "judge_all": judge_accuracy(images, triples),
+                "seconds": seconds}
+        cells.append(cell)
+        log(f"eta {eta:<4g} S {s:<4d} {extractor.metric_prefix}FID {cell['fid']:8.3f}  "
+            f"{extractor.metric_prefix}KID {kid:.4f} ± {kid_se:.4f}  judge {cell['judge_all']:5.1f}%")
     return {"cells": cells, "steps": list(steps), "etas": list(etas), "num_fake": num_fake,
             "num_real": num_real, "real_seed": REAL_SEED, "guidance_scale": options.guidance_scale,
-            "features": extractor.name}
+            "features": extractor.name, "generation_seconds": sum(c["seconds"] for c in cells)}
 
 
 def cell(result: dict, eta: float, s: int) -> dict:

@@ -41,11 +41,6 @@ class InceptionExtractor:
     native_size = None  # the network resizes every input to 299x299 itself
 
     def __init__(self, weights: str | Path, batch_size: int = 32) -> None:
-        try:
-            from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-        except ImportError:
-            raise EvalError("Inception features need the torch-fidelity package "
-                            "(pip install -r requirements.txt)") from None
         weights = Path(weights)
         if not weights.is_file():
             raise EvalError(f"Inception weights not found: {weights}. " + missing_weights_message())
@@ -55,6 +50,11 @@ class InceptionExtractor:
             torch.load(weights, map_location="cpu", weights_only=True)
         except Exception as err:  # noqa: BLE001 - any unreadable file is one user-facing error
             raise EvalError(f"cannot read Inception weights {weights}: {str(err).splitlines()[0]}") from None
+        try:
+            from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+        except ImportError:
+            raise EvalError("Inception features need the torch-fidelity package "
+                            "(pip install -r requirements.txt)") from None
         # 'logits_unbiased' are the logits without the fc bias, as torch-fidelity's IS uses.
         self.net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
                                                feature_extractor_weights_path=str(weights))

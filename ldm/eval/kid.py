@@ -32,9 +32,12 @@ def kernel_inception_distance(real: np.ndarray, fake: np.ndarray, num_subsets: i
     real, fake = np.asarray(real, np.float64), np.asarray(fake, np.float64)
     if real.ndim != 2 or fake.ndim != 2 or real.shape[1] != fake.shape[1]:
         raise EvalError(f"KID needs features [N, D] of one width, got {list(real.shape)} and {list(fake.shape)}")
-    size = min(subset_size, real.shape[0], fake.shape[0])
-    if size < 2:
-        raise EvalError(f"KID needs at least 2 images per set, got {real.shape[0]} real and {fake.shape[0]} fake")
+    smaller = min(real.shape[0], fake.shape[0])
+    if smaller < 4:
+        raise EvalError(f"KID needs at least 4 images per set, got {real.shape[0]} real and {fake.shape[0]} fake")
+    # A set smaller than the subset size gives subsets of half of it: whole-set subsets would all
+    # be the same sample and their spread (the standard error) would be a meaningless 0.
+    size = subset_size if smaller >= subset_size else smaller // 2
     rng = np.random.default_rng(seed)
     values = np.array([
         mmd2_unbiased(real[rng.choice(real.shape[0], size, replace=False)],
