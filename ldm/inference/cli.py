@@ -30,7 +30,8 @@ REQUIRED_PARAMETERS = {"prompt": str, "negative_prompt": str, "batch_seed": int,
                        "height": int, "width": int}
 # Editing fields of SamplingOptions: recorded in every PNG and restored by --from-png.
 EDIT_FIELDS = ("strength", "noise_level", "mask_dilate", "mask_feather", "keep_unmasked",
-               "hr_scale", "hr_strength", "hr_upscale")
+               "hr_scale", "hr_strength", "hr_upscale", "classifier", "classifier_labels",
+               "classifier_scale")
 Inputs = dict[str, Any]
 Generate = Callable[["Pipeline", SamplingOptions, Inputs, "Callback"], list[Image.Image]]
 Prepare = Callable[["Pipeline", SamplingOptions, Inputs, argparse.Namespace], SamplingOptions]
@@ -102,6 +103,12 @@ def parse_args(task: Task, argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the U-Net with frozen weights (inductor); the first "
                         "call compiles (about a minute on a CPU), later steps run faster")
+    p.add_argument("--classifier", default=None,
+                   help="classifier guidance: a latent classifier (scripts/train_classifier.py)")
+    p.add_argument("--class", dest="classifier_labels", default="",
+                   help='classifier guidance: classes to steer toward, e.g. "color=red,shape=circle,bg=blue"')
+    p.add_argument("--classifier-scale", type=float, default=0.0,
+                   help="classifier guidance scale s (eps - s sqrt(1 - abar_t) grad log p; default 0: off)")
     task.add_flags(p)
     return p.parse_args(argv)
 
@@ -111,7 +118,9 @@ def sampling_options(task: Task, args: argparse.Namespace) -> SamplingOptions:
     return SamplingOptions(negative_prompt=args.negative_prompt, steps=args.steps,
                            sampler=args.sampler, eta=args.ddim_eta, guidance_scale=args.scale,
                            height=args.H, width=args.W, seed=args.seed,
-                           num_images=args.n_samples, vae_tile=args.vae_tile, **task.options(args))
+                           num_images=args.n_samples, vae_tile=args.vae_tile,
+                           classifier=args.classifier, classifier_labels=args.classifier_labels,
+                           classifier_scale=args.classifier_scale, **task.options(args))
 
 
 def validate(task: Task, args: argparse.Namespace) -> list[str]:

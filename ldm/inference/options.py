@@ -77,6 +77,9 @@ class SamplingOptions:
     hr_scale: float | None = None
     hr_strength: float = 0.5
     hr_upscale: str = "latent"
+    classifier: str | None = None
+    classifier_labels: str = ""
+    classifier_scale: float = 0.0
 
     def __post_init__(self) -> None:
         if isinstance(self.prompt, (list, tuple)):
@@ -117,6 +120,24 @@ class SamplingOptions:
             raise SamplingError(f"vae_tile must be 0 (one pass) or a latent tile side >= {MIN_TILE}, "
                                 f"got {tile!r}")
         self._check_editing()
+        self._check_classifier()
+
+    def _check_classifier(self) -> None:
+        """Classifier guidance: a latent classifier file, the classes to steer toward
+        ("color=red,shape=circle"; names checked against the file's labels when it is loaded)
+        and the scale s of eps - s sqrt(1 - abar_t) grad log p(y | x_t)."""
+        if self.classifier is not None and not isinstance(self.classifier, str):
+            raise SamplingError(f"classifier must be a file path string, got {self.classifier!r}")
+        if not _is_number(self.classifier_scale) or self.classifier_scale < 0:
+            raise SamplingError(f"classifier scale must be a number >= 0, got {self.classifier_scale!r}")
+        if self.classifier is None:
+            if self.classifier_scale or self.classifier_labels:
+                raise SamplingError("classifier labels and scale need a classifier (--classifier FILE)")
+            return
+        parts = [part.partition("=") for part in str(self.classifier_labels).split(",")]
+        if not all(key.strip() and sep and value.strip() for key, sep, value in parts):
+            raise SamplingError(f"classifier labels must be attribute=name pairs separated by "
+                                f"commas (e.g. color=red,shape=circle), got {self.classifier_labels!r}")
 
     def _check_editing(self) -> None:
         """The editing fields (img2img, inpainting, upscaling, hires fix)."""

@@ -68,10 +68,16 @@ def make_denoiser(pipe: "Pipeline", context: Tensor, uncond_context: Tensor | No
         uncond_context = uncond_context.to(pipe.device, pipe.dtype)
         if uncond_context.shape[0] == 1 and context.shape[0] > 1:
             uncond_context = uncond_context.expand_as(context)
-    return classifier_free_guidance(
+    denoiser = classifier_free_guidance(
         unet or pipe.unet, context, uncond_context, options.guidance_scale,
         prediction_type=parse_prediction_type(diffusion.prediction_type),
         learned_variance=diffusion.learned_variance, guidance_rescale=options.guidance_rescale)
+    if options.classifier is not None and options.classifier_scale > 0:
+        from ldm.models.classifier import guide_with_classifier
+        denoiser = guide_with_classifier(denoiser, pipe.schedule, options.classifier,
+                                         options.classifier_labels, options.classifier_scale,
+                                         pipe.device, latent_channels(pipe))
+    return denoiser
 
 
 def sample(pipe: "Pipeline", context: Tensor, uncond_context: Tensor | None, x_T: Tensor,
