@@ -48,7 +48,10 @@ def test_two_ranks_with_ddp_resume_and_match_one_process(tmp_path):
     args = ["--config", str(ROOT / "configs/train_ldm_tiny.yaml"), *TINY_LDM, f"data.path={folder}",
             f"ldm.vae={vae / 'vae.safetensors'}", "run.grad_accum=2", "run.gradient_checkpointing=true",
             "run.checkpoint_every=2", "optim.warmup_steps=0", "optim.lr=0.01", "ema.decay=0.9",
-            "--quiet"]
+            # Adam with a large eps steps in proportion to the gradient (near SGD), so a gradient
+            # that is not the global average shows; with the usual eps, Adam's sign-like first
+            # steps would hide it
+            "optim.eps=1.0", "optim.weight_decay=0", "--quiet"]
     ddp, single = tmp_path / "ddp", tmp_path / "single"
     _torchrun([*args, "run.steps=2", "--out", str(ddp)])
     _torchrun(["--resume", str(ddp), "run.steps=4", "--quiet"])
@@ -58,13 +61,15 @@ def test_two_ranks_with_ddp_resume_and_match_one_process(tmp_path):
     assert a.keys() == one.keys()
     assert not [k for k in a if ".module." in k or k.startswith("module.")]
     assert any(k.startswith("ema.") for k in a)
-    # The same global batches and noise: only the order of float sums differs from one
-    # process (Adam turns that into lr-sized steps for near-zero gradients), so compare the
-    # bulk; a lost gradient average or optimizer state would move nearly every weight.
-    diff = torch.cat([(a[k] - one[k]).abs().flatten() for k in a if k.startswith("net.")])
-    assert float(diff.median()) < 1e-6 and float((diff > 1e-4).float().mean()) < 0.01
-    start = _weights(ddp, 2)
-    assert max(float((a[k] - start[k]).abs().max()) for k in a) > 0.01  # the resumed run trained
+
+    def update(weights: dict[str, torch.Tensor], start: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.cat([(weights[k] - start[k]).flatten() for k in weights if k.startswith("net.")])
+
+    # The resumed steps 3 and 4 on two ranks move the weights as one process does: the same
+    # global batches and noise, only the order of float sums differs.
+    ours, reference = update(a, _weights(ddp, 2)), update(one, _weights(single, 2))
+    assert float(reference.abs().max()) > 1e-4  # they did train
+    assert float((ours - reference).norm() / reference.norm()) < 1e-3
     assert (ddp / "model.safetensors").is_file()
-    steps = [line for line in (ddp / "metrics.jsonl").read_text().splitlines()]
+    steps = (ddp / "metrics.jsonl").read_text().splitlines()
     assert len(steps) == 4  # only rank 0 logged, without gaps across the resume
