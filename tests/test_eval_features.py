@@ -40,9 +40,11 @@ def test_shapes_features_resize_other_sizes() -> None:
     extractor = ShapesExtractor()
     images, _ = shapes_images(4, seed=5)
     big = np.repeat(np.repeat(images, 2, axis=1), 2, axis=2)  # 128x128, same content
-    f64, _ = extractor(images)
-    f128, _ = extractor(big)
-    assert np.abs(f64 - f128).max() < 0.05 * np.abs(f64).max()
+    f64, p64 = extractor(images)
+    f128, p128 = extractor(big)
+    # Downscaling a pixel-doubled image is not exactly the identity (antialiasing blurs edges).
+    assert np.abs(f64 - f128).max() < 0.1 * np.abs(f64).max()
+    assert (p64.argmax(1) == p128.argmax(1)).all()
 
 
 def test_shapes_missing_weights(tmp_path: Path) -> None:

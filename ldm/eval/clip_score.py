@@ -6,7 +6,6 @@ its weights come from local files through open_clip's own loader; nothing is dow
 """
 from __future__ import annotations
 
-
 from pathlib import Path
 
 import numpy as np

@@ -75,8 +75,8 @@ def run_table(pipe, options, make_extractor: Callable[[], Extractor], num_fake: 
     triples = real_triples[:num_fake] if num_fake <= num_real else real_set(num_fake)[1]
     prompts = [caption(t) for t in triples]
     generated = {}
-    for eta in etas:
-        for s in steps:
+    for s in steps:  # few steps first: a run stopped early still has the paper's left columns
+        for eta in etas:
             folder = Path(save_dir) / f"eta{eta:g}_S{s}" if save_dir is not None else None
             generated[eta, s] = cell_images(pipe, options, prompts, eta, s, batch, folder)
             log(f"eta {eta:<4g} S {s:<4d} generated in {generated[eta, s][1]:.0f}s")
