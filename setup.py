@@ -28,7 +28,7 @@ def _find_cuda_home() -> str | None:
             return os.environ[var]
     nvcc = shutil.which("nvcc")
     if nvcc:
-        # nvcc on PATH may be a wrapper script outside the toolkit (as on the dev machines):
+        # nvcc on PATH may be a wrapper script outside the toolkit (some installations have one):
         # follow symlinks, then look for the `exec <toolkit>/bin/nvcc` line of a wrapper.
         real = os.path.realpath(nvcc)
         root = os.path.dirname(os.path.dirname(real))
@@ -51,8 +51,10 @@ def _host_simd_flags() -> list[str]:
     """Vector ISA flags (and PyTorch's matching at::vec capability) for the build host.
 
     The extension is built on the machine that runs it (`pip install -e .`), so the CPU
-    kernels use the widest at::vec path the host supports: AVX-512, else AVX2+FMA, else
-    at::vec's portable default.
+    kernels use the widest at::vec path the host's /proc/cpuinfo flags allow: AVX-512
+    (avx512f, avx512bw, avx512vl, avx512dq: the 512-bit GroupNorm+SiLU paths and the bf16
+    attention kernel), else AVX2+FMA (256-bit at::vec paths, PyTorch's SDPA for attention),
+    else at::vec's portable default.
     """
     try:
         with open("/proc/cpuinfo") as f:
@@ -61,7 +63,9 @@ def _host_simd_flags() -> list[str]:
     except OSError:
         return []
     if {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma", "f16c"} <= flags:
-        bf16 = ["-mavx512bf16"] if "avx512_bf16" in flags else []  # one-instruction bf16 stores
+        # avx512_bf16: vcvtneps2bf16 narrows 16 values in one instruction and vdpbf16ps does
+        # the attention kernel's bf16 products; without it both are emulated.
+        bf16 = ["-mavx512bf16"] if "avx512_bf16" in flags else []
         return ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma",
                 "-mf16c", *bf16, "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"]
     if {"avx2", "fma", "f16c"} <= flags:

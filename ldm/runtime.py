@@ -40,9 +40,8 @@ def release_free_memory() -> bool:
     """Hand freed heap pages back to the OS once (glibc malloc_trim); False off glibc.
 
     With trimming disabled (tune_allocator), memory freed when a network is built in fp32 and
-    converted to bf16 stays resident (SD 2.1-base, 64 px bf16 txt2img: peak 4459 MiB without
-    this call after loading, 3784 MiB with it), and so do the U-Net's activations while the
-    VAE decodes (512 px: 4543 -> 4111 MiB with a call before decoding)."""
+    converted to bf16 stays resident, and so do the U-Net's activations while the VAE decodes;
+    one call after loading and one before decoding hand both back (docs/performance.md)."""
     trim = _glibc_function("malloc_trim")
     if trim is None:
         return False
@@ -56,19 +55,17 @@ def tune_allocator(heap_only: bool = False, dtype: torch.dtype = torch.float32) 
     activations, 8 MiB for bf16/fp16, or every block with `heap_only`); False off glibc.
 
     Blocks up to the threshold come from the heap and stay mapped when freed; larger ones are
-    mapped per use and go back to the OS on free. Measured on SD 2.1-base:
-    - bf16, 512 px txt2img: with 32 MiB (glibc's largest dynamic threshold) the heap kept the
-      high-water mark of the U-Net's transient blocks, which crept up over the steps: peak RSS
-      of the run 4105 MiB against the peer's 3949. 8 MiB gave 3816 MiB, with U-Net calls as
-      fast (0.98x, calls alternating in one process) and the decode as fast (4 MiB: 5.76 vs
-      5.78-5.91 s).
-    - fp32, U-Net at 64x64: 8 MiB and 16 MiB were 6% slower than 32 MiB (its 10-21 MiB
-      activations then page-fault on every call), so fp32 keeps 32 MiB.
-    - Heap-only allocation (M_MMAP_MAX = 0): same speed within 1-2%, but the VAE decoder's
-      ever-larger activations fragment the heap (512 px decode peak 1769 -> about 2280 MiB).
-    A memory-bound kernel on a fresh mapped block pays its page faults (4x the kernel's own
-    time for a GroupNorm at 1x128x256x256 fp32), which is why the kernel benchmark uses
-    `heap_only`.
+    mapped per use and go back to the OS on free. The thresholds (_MMAP_THRESHOLD_MIB):
+    - bf16/fp16 8 MiB: with 32 MiB (glibc's largest dynamic threshold) the heap keeps the
+      high-water mark of the U-Net's transient blocks, which creeps up over the steps; 8 MiB
+      keeps peak memory lower at the same speed.
+    - fp32 32 MiB: the SD U-Net's 10-21 MiB fp32 activations would otherwise page-fault on
+      every call.
+    - Heap-only allocation (M_MMAP_MAX = 0) is as fast, but the VAE decoder's ever-larger
+      activations fragment the heap and raise peak memory, so only the kernel benchmark uses
+      `heap_only`: a memory-bound kernel on a fresh mapped block pays its page faults, which
+      would dominate its time.
+    Measured effects: docs/performance.md.
     """
     mallopt = _glibc_function("mallopt")
     if mallopt is None:
@@ -90,11 +87,8 @@ def enable_huge_pages() -> bool:
 
     The allocator page-aligns such blocks and madvises them MADV_HUGEPAGE when
     THP_MEM_ALLOC_ENABLE=1, and reads the variable once, at its first allocation: call this
-    before any tensor is made. An explicit THP_MEM_ALLOC_ENABLE is left as it is. Why: with
-    4 KiB pages, where a tensor's pages fall in the caches differs from process to process.
-    The NCHW GroupNorm kernel reads each slab a second time from L2; at 2x320x64x64 fp32 it
-    took 0.36-0.55 ms depending on the process, and 0.35-0.37 ms in every process with 2 MiB
-    pages (five processes each way)."""
+    before any tensor is made. An explicit THP_MEM_ALLOC_ENABLE is left as it is. Off by
+    default: whole networks run no faster with it (docs/performance.md)."""
     if not sys.platform.startswith("linux"):
         return False
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
@@ -141,7 +135,7 @@ def prepare_pipeline(pipe: "Pipeline", channels_last: bool = True,
     """Inference set-up of a loaded Pipeline's convolutional networks (in place).
 
     channels_last: oneDNN convolutions then skip their NCHW<->blocked reorders and the U-Net's
-    token reshapes become views (measured: U-Net fp32 0.86x, bf16 0.94x, VAE decode 0.79x time).
+    token reshapes become views (docs/performance.md).
     compile: wrap the U-Net with `compile_for_inference` (first call of each shape compiles).
     """
     for net in (pipe.unet, pipe.autoencoder):
@@ -156,23 +150,18 @@ def compile_for_inference(module: torch.nn.Module) -> torch.nn.Module:
     """torch.compile (inductor) for frozen-weight inference; the fused ops have fake kernels.
 
     `freezing` lets inductor treat the weights as constants and pre-pack them for oneDNN once,
-    instead of reordering every convolution and linear weight on every call. Measured on the
-    SD 2.1-base U-Net, fp32, 32x32 latents, 2 threads, alternating calls: default options
-    1.33x slower than eager, with freezing 0.65x of eager; about 80 s to compile each shape.
+    instead of reordering every convolution and linear weight on every call; without it the
+    compiled U-Net is slower than eager. Compiling takes about a minute per shape for SD.
     The compiled module must not be trained or have its weights changed afterwards, in dtype
     either: dynamo's guards do not see an in-place `.to(torch.bfloat16)` of the module, and
     the old graph, with its frozen fp32 weights, then fails inside oneDNN ("could not create a
-    primitive descriptor"; how bf16 compiling seemed broken in the third session). Convert
-    first, then compile (as prepare_pipeline does), or call torch._dynamo.reset() in between.
-
-    Measured the same way in bf16 (channels_last, fused attention inside the graph): 0.72x of
-    eager at 32x32 and 0.89x at 64x64 (the attention kernel, already fused, is a larger share
-    there); compiled and eager bf16 differ by 0.7% relative L2, as bf16 and fp32 do. The VAE
-    decoder gained nothing (0.97-1.06x) and runs once per image, so pipelines compile only the
-    U-Net.
+    primitive descriptor"). Convert first, then compile (as prepare_pipeline does), or call
+    torch._dynamo.reset() in between. Compiled and eager bf16 differ by about 0.7% relative
+    L2, as bf16 and fp32 do. The VAE decoder gains nothing compiled and runs once per image,
+    so pipelines compile only the U-Net (docs/performance.md).
     """
-    # Process-wide inductor flag: passing options={"freezing": True} to torch.compile gave the
-    # unfrozen speed here (measured 1.22x eager), so the flag is set directly.
+    # Process-wide inductor flag: options={"freezing": True} passed to torch.compile does not
+    # take effect (the unfrozen speed), so the flag is set directly.
     import torch._inductor.config as inductor_config
     inductor_config.freezing = True
     return torch.compile(module, dynamic=False)

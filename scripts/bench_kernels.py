@@ -6,12 +6,12 @@
 Prints a Markdown table: GroupNorm+SiLU forward and backward (fused vs eager
 F.silu(F.group_norm(x))) per shape, dtype and memory format, with the fused forward's GB/s
 beside a same-size copy_ (the machine's practical bandwidth); then the sampler update vs the
-eager sequence of ops it replaces; then how many rows meet each of issue 2's performance
-targets in this run; then the CPU bf16 attention kernel vs PyTorch's SDPA in bf16 and fp32.
+eager sequence of ops it replaces; then how many rows meet each kernel performance target
+(docs/performance.md) in this run; then the CPU bf16 attention kernel vs PyTorch's SDPA in bf16 and fp32.
 Times are medians (or --stat min) of interleaved repeats.
 
 --cache hot (default) calls every op on the same input, so at the U-Net shapes (5-21 MB)
-input and output stay in the 32 MB L3 and copy_ runs at cache speed. --cache cold gives each
+input and output stay in an L3 of 32 MB or more and copy_ runs at cache speed. --cache cold gives each
 call the next of a pool of inputs larger than the L3 (--cold-mib), so inputs come from memory
 and copy_ measures the memory bandwidth.
 
@@ -21,9 +21,8 @@ per-thread cache of small blocks off (GLIBC_TUNABLES=glibc.malloc.tcache_count=0
 more than the block and frees that tail; the tcache keeps the tail as an allocated block, so
 a freed output cannot merge with it and the next same-size output does not fit there. In some
 processes the outputs then cycle through 4-5 heap blocks (42-52 MB at 2x320x64x64 fp32) that
-do not stay in the 32 MB L3, and every call writes its output to memory: the fused forward
-there took 0.47-0.62 ms with 4-5 blocks and 0.36 ms with one (eager 1.09-1.24 vs 1.03 ms).
-That was the "per-process page lottery" of earlier notes.
+do not stay in a 32 MB L3, and every call writes its output to memory, so the same row is fast
+or slow by process (docs/performance.md).
 """
 from __future__ import annotations
 
@@ -90,16 +89,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "stay in the L3, per process; see the module docstring)")
     p.add_argument("--huge-pages", action="store_true",
                    help="transparent huge pages for tensors of 2 MiB and more (PyTorch's "
-                        "THP_MEM_ALLOC_ENABLE; default off, as txt2img runs). With 4 KiB pages "
-                        "the fused NCHW forward at 2x320x64x64 fp32 took 0.36-0.55 ms "
-                        "depending on the process, with 2 MiB pages 0.35-0.37 ms (eighth "
-                        "session); the spread came from glibc's tcache (--tcache)")
+                        "THP_MEM_ALLOC_ENABLE; default off, as txt2img runs; with the tcache "
+                        "off they change no target count)")
     p.add_argument("--cache", choices=["hot", "cold"], default="hot",
                    help="hot: every call reads the same input (cache-resident at the U-Net "
                         "shapes); cold: calls rotate through distinct inputs totalling at least "
                         "--cold-mib, so every input comes from memory")
     p.add_argument("--cold-mib", type=int, default=256,
-                   help="--cache cold: total size of the rotated inputs (MiB; L3 here is 32)")
+                   help="--cache cold: total size of the rotated inputs (MiB; several times the "
+                        "L3, so no input is still cached)")
     p.add_argument("--quick", action="store_true",
                    help="one U-Net and one VAE shape, 5 repeats (a smoke run)")
     args = p.parse_args(argv)
@@ -179,7 +177,7 @@ def group_norm_row(timer: Timer, shape: tuple[int, ...], dtype: torch.dtype, fmt
         return group_norm_silu(x_, groups, w_, b_, eps)
 
     inputs = [(x, w, b) for x in xs]
-    # Forward timed as inference runs it (ldm.generate): under no_grad instead, the Python
+    # Forward timed as inference runs it (ldm.inference): under no_grad instead, the Python
     # autograd kernel that register_autograd installs adds about 10 us to every fused call
     # (it checks the inputs and redispatches); eager's C++ autograd layer costs nothing there.
     with torch.inference_mode():
@@ -249,7 +247,7 @@ def gbps(nbytes: int, seconds: float) -> float:
 
 
 def target_rows(norm: list[dict[str, object]], sampler: list[float]) -> list[list[str]]:
-    """Issue 2's performance targets against this run: [target, rows met / rows, range].
+    """The kernel performance targets against this run: [target, rows met / rows, range].
 
     norm: one dict per GroupNorm row (shape, dtype, fwd_x, pct_copy, bwd_x or None); sampler:
     the sampler-step ratios. A target whose rows were not run is left out; shapes outside the
@@ -348,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
         sampler_ratios.append(r["eager"] / r["fused"])
     summary = target_rows(norm_rows, sampler_ratios)
     if summary:
-        print("\n| issue 2 target (this run) | rows met | range |")
+        print("\n| target (this run) | rows met | range |")
         print("|---|---:|---:|")
         for label, met, span in summary:
             print(f"| {label} | {met} | {span} |", flush=True)

@@ -1,9 +1,10 @@
 // CPU flash attention for bf16: softmax(q k^T * scale) v on AVX-512 bf16 dot products, without
 // materialising the N x M scores.
 //
-// Why: PyTorch's CPU flash SDPA runs bf16 no faster than fp32 on this CPU (about 130 GFLOP/s
-// at 4096 tokens, while a large bf16 GEMM reaches about 370), and at 64x64 latents attention
-// is about 40% of the SD U-Net's bf16 time.
+// Why: on a CPU with avx512_bf16 but no AMX (AMD Zen 4), PyTorch's CPU flash SDPA runs bf16
+// no faster than fp32 (about 130 GFLOP/s on two Zen 4 cores at 4096 tokens, while a large
+// bf16 GEMM reaches about 370), and at 64x64 latents attention is about 40% of the SD U-Net's
+// bf16 time (docs/kernels.md).
 //
 // Algorithm: FlashAttention's online softmax (Dao et al. 2022, Algorithm 1). A task owns
 // kBlockQ query rows of one (batch, head) and walks the keys in blocks of kBlockK, keeping per
@@ -18,7 +19,9 @@
 // [pair of d][64 keys][2], V as [pair of keys][d][2]. Rows of q and of P already hold pairs
 // along their reduction dimension and are read as 32-bit broadcasts.
 //
-// Registered only in AVX-512 builds: elsewhere ldm.kernels.attention uses PyTorch's SDPA.
+// Registered only in AVX-512 builds (AVX-512F/BW on the build host; vdpbf16ps itself needs
+// avx512_bf16 and is emulated by shifts and two FMAs without it): elsewhere
+// ldm.kernels.attention uses PyTorch's SDPA.
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
@@ -38,9 +41,13 @@
 namespace ldm::cpu {
 namespace {
 
+// kRows x kChunk scores are 16 zmm accumulators, half of AVX-512's 32 vector registers, which
+// leaves the other half for the broadcast q pairs and the packed K vectors.
 constexpr int64_t kRows = 4;        // query rows per micro-kernel (register block)
 constexpr int64_t kChunk = 64;      // keys per score micro-kernel: 4 vectors of 16 lanes
 constexpr int64_t kBlockQ = 64;     // query rows per task
+// kBlockK keys of packed K and V (2 x 32 KB in bf16 at d = 64) stay in the core's L2 (1 MB on
+// Zen 4) while a task's kBlockQ rows walk them.
 constexpr int64_t kBlockK = 256;    // keys per online-softmax step (multiple of kChunk)
 constexpr int64_t kMaxHeadDim = 512;  // the VAE's single-head attention has 512
 constexpr float kLog2e = 1.44269504088896341f;
@@ -53,7 +60,7 @@ inline Pair pair_of(uint16_t lo, uint16_t hi) { return Pair(lo) | (Pair(hi) << 1
 
 // acc + a.lo * b.lo + a.hi * b.hi per fp32 lane, a and b holding bf16 pairs.
 inline __m512 dot_pairs(__m512 acc, __m512i a, __m512i b) {
-#if defined(__AVX512BF16__)
+#if defined(__AVX512BF16__)  // avx512_bf16: one vdpbf16ps
   return _mm512_dpbf16_ps(acc, reinterpret_cast<__m512bh>(a), reinterpret_cast<__m512bh>(b));
 #else  // bf16 -> fp32 is a 16-bit shift; two FMAs
   const __m512i high = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));

@@ -58,8 +58,7 @@ constexpr bool same_over_step() {
 }
 
 // Whether P has one value for all of a 4-vector step: Uniform, or a PerBlock that says so
-// (apply_run's bf16 even/odd path). fp32 keeps Uniform's per-vector form: declaring Uniform
-// same-over-step changed nothing measurable there (three pairs of processes).
+// (apply_run's bf16 even/odd path). fp32 keeps Uniform's per-vector form, which is as fast.
 template <typename P>
 constexpr bool one_value_per_step() {
   if constexpr (requires { P::kUniform; }) return true;
@@ -111,17 +110,21 @@ inline void merge_equal_counts(Vec& mean, Vec& m2, const Vec& mean_b, const Vec&
 // Moments of steps * kWelfordSets * kLanes contiguous values in one memory pass: Welford's
 // update on every fp32 lane of kWelfordSets independent vectors (so consecutive updates
 // overlap instead of waiting on each other), then the lanes are Chan-merged as a fixed tree.
+// The updates run on x - pivot (the first value): with a large common offset the running
+// means would otherwise sit where fp32's spacing is coarse (about 1e-3 at 1e4) and round at
+// every update, an error that grows with the number of updates per lane.
 constexpr int kWelfordSets = 4;
 template <typename T>
 Moments<float> welford_lanes(const T* x, int64_t steps) {
+  const float pivot = static_cast<float>(x[0]);
+  const Vec shift(pivot);
   Vec mean[kWelfordSets], m2[kWelfordSets];
   for (int k = 0; k < kWelfordSets; ++k) mean[k] = m2[k] = Vec(0.0f);
   for (int64_t s = 0; s < steps; ++s) {
     const Vec inv_count(1.0f / static_cast<float>(s + 1));
     const T* p = x + s * kWelfordSets * kLanes;
-    // bf16: 32 values per load (load_bf16_even_odd). Other types load inside the update loop:
-    // loading all four vectors first made the fp32 forward 6-10% slower (three pairs of
-    // processes), from the code GCC then generated.
+    // bf16 on AVX-512: 32 values per load (load_bf16_even_odd). Other types load inside the
+    // update loop: loading all four vectors first makes GCC generate a slower fp32 loop.
 #if defined(CPU_CAPABILITY_AVX512)
     constexpr bool kPairs = std::is_same_v<T, c10::BFloat16>;
 #else
@@ -136,7 +139,7 @@ Moments<float> welford_lanes(const T* x, int64_t steps) {
     }
 #endif
     for (int k = 0; k < kWelfordSets; ++k) {
-      const Vec v = kPairs ? pairs[k] : load_lanes(p + k * kLanes);
+      const Vec v = (kPairs ? pairs[k] : load_lanes(p + k * kLanes)) - shift;
       const Vec delta = v - mean[k];
       mean[k] = at::vec::fmadd(delta, inv_count, mean[k]);
       m2[k] = at::vec::fmadd(delta, v - mean[k], m2[k]);
@@ -156,7 +159,7 @@ Moments<float> welford_lanes(const T* x, int64_t steps) {
       lane_mean[k] = 0.5f * (lane_mean[k] + lane_mean[k + width]);
     }
   }
-  return Moments<float>{count, lane_mean[0], lane_m2[0]};
+  return Moments<float>{count, lane_mean[0] + pivot, lane_m2[0]};
 }
 
 // Moments of n contiguous values: one-pass Welford lanes over the vector part, an exact
@@ -248,8 +251,8 @@ inline float lane_sum_squared_deviations(const float* v, float center, int64_t D
 
 // Moments of the values of channels [c, c + D), each with `count` values and moments
 // (mean[c], m2[c]): Chan's merge of equal-count parts, M2 = sum M2_c + count sum (mean_c - mean)^2.
-// Runs per (tile, group) of the channels_last forward: at 1280 channels (D = 40) vector lanes
-// made that op 5% faster (same-process A/B, two processes); no change at D < 16.
+// Runs per (tile, group) of the channels_last forward; vector lanes from D = kLanes up (below
+// that, the lane reductions cost more than they save).
 template <typename acc_t>
 Moments<acc_t> merge_channel_moments(const acc_t* mean, const acc_t* m2, int64_t D, acc_t count) {
   const acc_t n = count * static_cast<acc_t>(D);
@@ -286,7 +289,7 @@ void apply_run(const T* x, T* y, int64_t n, const P& scale, const P& shift,
     constexpr int kUnroll = 4;
     for (; i + kUnroll * kLanes <= n; i += kUnroll * kLanes) {
       Vec z[kUnroll];
-#if defined(CPU_CAPABILITY_AVX512)
+#if defined(CPU_CAPABILITY_AVX512)  // load_bf16_even_odd's 512-bit shifts and permute
       if constexpr (std::is_same_v<T, c10::BFloat16> && one_value_per_step<P>()) {
         // bf16 with one scale and shift for the whole step: even and odd values in separate
         // vectors (load_bf16_even_odd), one vector op fewer per 16 values.
@@ -363,9 +366,8 @@ void with_band_width(int64_t vectors, F&& f) {
 
 // y = [silu](x * scale + shift) down `rows` rows of kWidth channel vectors of a channels_last
 // band (row stride `stride` values); the band's scale and shift (kNegLog2e-scaled, as apply_run
-// takes them) stay in registers for all rows and the kWidth SiLUs of a row interleave. With one
-// apply_run call per row instead, the band path was 16-49% slower than the tiles path
-// (same-process A/B, two processes), where with this loop it is 4-8% faster.
+// takes them) stay in registers for all rows and the kWidth SiLUs of a row interleave (an
+// apply_run call per row would reload them and pay its set-up and tail on every row).
 template <bool kSilu, int kWidth, typename T>
 void apply_band(const T* x, T* y, int64_t rows, int64_t stride, const float* scale,
                 const float* shift) {
@@ -417,8 +419,7 @@ void backward_sums_run(const T* dy, const T* x, int64_t n, const P& center, cons
                        const P& shift, S& dsx_out, S& db_out, acc_t* dz_out = nullptr) {
   // Local copies: through the references, the accumulators would be stored and reloaded
   // around every dz_out store (both are floats, so they may alias), putting a store-to-load
-  // round trip on each add's dependency chain (seen in perf; hidden behind the SiLU derivative
-  // in the measured times, but not in the loop's meaning).
+  // round trip on each add's dependency chain.
   S dsx = dsx_out, db = db_out;
   int64_t i = 0;
   if constexpr (kHasVecPath<T>) {
@@ -479,8 +480,8 @@ void band_backward_sums(const T* dy, const T* x, int64_t rows, int64_t stride,
 
 // Backward pass 2 down the rows of a band from the dz that band_backward_sums stored (dz may be
 // dx itself: every value is read before it is overwritten): dx = k1 dz + k2 (x - center) + k3.
-// With one backward_apply_stored_run call per row instead, the band path lost most of its gain
-// over the tiles path (0.85-1.15 of its time against 0.61-0.83; same-process A/B).
+// One loop over the band's rows, not a backward_apply_stored_run call per row, for the same
+// reason as apply_band.
 template <int kWidth, typename T>
 void band_backward_apply(const float* dz, int64_t dz_stride, const T* x, T* dx, int64_t rows,
                          int64_t stride, const float* center, const float* k1, const float* k2,

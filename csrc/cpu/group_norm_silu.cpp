@@ -15,6 +15,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "csrc/cpu/cache_size.h"
 #include "csrc/cpu/group_norm_rows.h"
 #include "csrc/group_norm_common.h"
 
@@ -46,19 +47,14 @@ struct ForwardArgs {
 };
 
 // Whether the forward writes its output with non-temporal stores: fp32 when input and output
-// together exceed kCacheBytes, so the output could not still be in the cache for the next op
-// and each ordinary store would first read its line from memory. Same-process A/B (forward
-// only, same input every call): fp32 1x128x512x512 15-19% faster, 1x128x256x256 11-14%,
-// 16-19 MB outputs (1x128x128x256, 1x128x192x192, 1x256x128x128, 2x320x96x96) 3-27%; but
-// 8-10 MB outputs (1x512x64x64, 2x320x64x64), which the L3 keeps, 7-25% slower, and bf16 0-11%
-// slower at every size (its kernel is bound by the SiLU's arithmetic, not by memory traffic).
-// kCacheBytes is this machine class's L3 (32 MB per core complex; sysconf reports 320 MB in
-// this VM, so it is not asked).
-constexpr int64_t kCacheBytes = int64_t{32} << 20;
-
+// together exceed the L3 (l3_cache_bytes), so the output cannot still be cached for the next
+// op and each ordinary store would first read its line from memory (write-allocate). Below
+// that size the next op finds the output in the L3, and bf16 is bound by the SiLU's
+// arithmetic rather than by memory traffic, so both keep ordinary stores. The streaming store
+// itself needs AVX-512F (stream_lanes); other builds store normally.
 template <typename T>
 bool stream_output(int64_t numel) {
-  return std::is_same_v<T, float> && 2 * numel * static_cast<int64_t>(sizeof(T)) > kCacheBytes;
+  return std::is_same_v<T, float> && 2 * numel * static_cast<int64_t>(sizeof(T)) > l3_cache_bytes();
 }
 
 // Per-channel scale/shift of channel c in group ng so that y = x * scale + shift; with kSilu
@@ -73,11 +69,9 @@ inline void channel_affine(const acc_t* w, const acc_t* b, int64_t c, acc_t mean
 }
 
 // Largest power-of-two HW whose channels are applied in one run over the slab (PerBlock)
-// rather than one run per channel. Same-process A/B, two processes: 7-16% faster at
-// 2x1280x8x8, 2-4% at 2x1280x16x16, no change at 2x320x16x16 (fewer channels per slab); at
-// HW = 1024 the per-vector broadcast loads made it up to 6% slower. Loading the parameters
-// once per 4-vector step (HW >= 64) gained fp32 another 4-4.5% at 2x1280x16x16, 2x640x16x16
-// and 2x1280x8x8 (bf16 unchanged), again in two processes.
+// rather than one run per channel: the U-Net's 16x16 and 8x8 levels have many short channels
+// per slab, where a call per channel costs its set-up and tail each time. Beyond 256 the
+// per-vector broadcast loads of scale and shift cost more than the calls they save.
 constexpr int64_t kMaxHWInOneRun = 256;
 
 // Applies group ng to slab values [begin, end) (which may cross channel boundaries).
@@ -207,13 +201,11 @@ void image_affine(const ForwardArgs<T, acc_t>& a, int64_t n, int64_t tiles,
 
 // channels_last bands (band_channels): B channels of one image, whole groups and whole vectors,
 // whose values over all rows take at most kBandBytes, so that the apply pass reads them from L2
-// rather than from the L3 or memory, as the NCHW slabs do. The tiles path reads the image
-// twice from beyond L2. Same-process A/B against it, three processes: fp32 2x1280x16x16 4-7%
-// faster, 2x1280x8x8 4-8%; bf16 2x640x32x32 5-8%, 2x1280x16x16 6-7%. At 320 KB (fp32
-// 2x640x32x32) it was 5-9% faster when the output block was in the cache, and 28-41% slower
-// in processes whose outputs cycled through several heap blocks (bench_kernels.py, tcache):
-// the band's output goes out in strided 320-byte pieces that the prefetchers do not fetch
-// ahead, the tiles path's in whole rows. Hence 256 KB.
+// rather than from the L3 or memory, as the NCHW slabs do (the tiles path reads the image
+// twice from beyond L2). 256 KB is a quarter of a Zen 4 core's 1 MB L2 (half of Zen 3's
+// 512 KB), leaving room for the output: a band's output goes out in strided pieces of a few
+// hundred bytes, which the hardware prefetchers do not fetch ahead, so larger bands lose
+// when the output block is not already cached.
 constexpr int64_t kBandBytes = int64_t{256} << 10;
 
 template <bool kSilu, typename T, typename acc_t>
@@ -259,9 +251,8 @@ void forward_channels_last(const ForwardArgs<T, acc_t>& a) {
   const int64_t tiles = (HW + rows_per_tile - 1) / rows_per_tile;
   if (N % at::get_num_threads() == 0) {
     // Whole images per thread: statistics, affine and apply in one parallel region, with no
-    // serial step between them (same tiles and merge order as below, so the same bits). Same-
-    // process A/B in two processes: 1-7% faster at 2x1280x16x16 and 2x640x32x32, 5-19% at
-    // 2x1280x8x8, no change at 2x320x64x64 (batch 2 is the U-Net's guided pair).
+    // serial step between them (same tiles and merge order as below, so the same bits). Batch
+    // 2, the U-Net's guided pair, on two threads takes this path.
     at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
       std::vector<acc_t> mean(C), m2(C), scale(C), shift(C);
       std::vector<Moments<acc_t>> partial(tiles * G);

@@ -26,8 +26,8 @@ constexpr int64_t kTileValues = 1 << 16;
 // Largest fp32 dz buffer the bf16/fp16 channels_last backward keeps between its passes. Up to
 // here the buffer's extra 4 bytes per value, written and read back, cost less than evaluating
 // the SiLU derivative again in pass 2; beyond it the buffer pushes x, dy and dx out of the L3.
-// Same-process A/B on this machine (32 MB L3): 12-20% faster at 2x640x32x32, 2x1280x16x16 and
-// 1x512x64x64 bf16 (8 MiB), 5-9% slower at 2x320x64x64 (10 MiB).
+// 8 MiB is a quarter of the 32 MB L3 of an AMD Zen 3 / Zen 4 core complex (the fallback of
+// l3_cache_bytes): with the op's bf16 x, dy and dx (12 MiB more at that size) it still fits.
 constexpr int64_t kMaxDzBufferBytes = int64_t{8} << 20;
 
 template <typename T, typename acc_t>
@@ -140,11 +140,8 @@ void backward_contiguous(const BackwardArgs<T, acc_t>& a) {
 
 // channels_last bands (group_norm_rows.h, band_channels): both passes per band of whole groups
 // of one image while its x, dy and dz stay in L2, as the NCHW slabs do; the sums of pass 1 stay
-// in registers down the rows. Same-process A/B against the tiles path, five processes: fp32
-// 2x1280x16x16 19-27% faster, 2x1280x8x8 17-20%; bf16 2x1280x16x16 18-20%, 2x640x32x32
-// 14-40%. fp32 2x640x32x32 (320 KB bands) was 4-17% faster with glibc's tcache off and from
-// 31% faster to 11% slower with it on, by process (the forward's note on kBandBytes), so bands
-// stop at 256 KB.
+// in registers down the rows. The size limit is the forward's (kBandBytes there: a quarter of
+// a Zen 4 core's 1 MB L2).
 constexpr int64_t kBandBytes = int64_t{256} << 10;
 
 template <bool kSilu, typename T, typename acc_t>
@@ -227,9 +224,8 @@ void backward_channels_last(const BackwardArgs<T, acc_t>& a) {
     }
   });
   // Per group, in one parallel region: its channels' sums over the tiles (in tile order), then
-  // its pass-2 coefficients as per-channel vectors. Before, the sums had a region of their own
-  // and the coefficients a serial loop: same bits, 2-5% faster at 2x1280x16x16 and 8-9% at
-  // 2x1280x8x8 (same-process A/B, two processes), where this fixed cost is a larger share.
+  // its pass-2 coefficients as per-channel vectors: one parallel region and no serial step,
+  // since each region costs a few microseconds, which counts at the U-Net's 16x16 and 8x8.
   std::vector<acc_t> k2(a.dx ? N * C : 0), k3(a.dx ? N * C : 0);
   at::parallel_for(0, N * G, 8, [&](int64_t begin, int64_t end) {
     for (int64_t ng = begin; ng < end; ++ng) {

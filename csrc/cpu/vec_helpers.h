@@ -45,11 +45,13 @@ inline Vec load_lanes(const T* p) {
   }
 }
 
+// CPU_CAPABILITY_AVX512 (AVX-512F/BW/VL/DQ on the build host, setup.py) enables the
+// hand-written 512-bit paths below; other builds use at::vec's generic code.
 #if defined(CPU_CAPABILITY_AVX512)
 // 16 fp32 lanes rounded (to nearest even) to 16 bf16 values.
 inline __m256i to_bf16_lanes(__m512 v) {
-#if defined(__AVX512BF16__)
-  return reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v));  // one instruction
+#if defined(__AVX512BF16__)  // avx512_bf16: one vcvtneps2bf16
+  return reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v));
 #else
   return at::vec::cvtfp32_bf16(v);
 #endif
@@ -75,9 +77,10 @@ inline void store_lanes(T* p, const Vec& v) {
   }
 }
 
-// kLanes fp32 values to p (aligned to 64 bytes) with a non-temporal store: the line goes to
-// memory without first being read into the cache (write-allocate) and without evicting
-// anything. Callers fence (streamed_stores_done) before other threads may read.
+// kLanes fp32 values to p (aligned to 64 bytes) with a non-temporal store (AVX-512F
+// vmovntps): the line goes to memory without first being read into the cache (write-allocate)
+// and without evicting anything. Callers fence (streamed_stores_done) before other threads may
+// read. Without AVX-512 an ordinary store.
 inline void stream_lanes(float* p, const Vec& v) {
 #if defined(CPU_CAPABILITY_AVX512)
   _mm512_stream_ps(p, v);
@@ -118,7 +121,7 @@ inline void store_bf16_even_odd(c10::BFloat16* p, const Vec& even, const Vec& od
   alignas(64) static constexpr int16_t kInterleave[32] = {
       0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,  21, 6,  22, 7,  23,
       8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
-#if defined(__AVX512BF16__)
+#if defined(__AVX512BF16__)  // avx512_bf16: vcvtne2ps2bf16 narrows both in one instruction
   const __m512i packed = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(odd, even));
 #else
   const __m512i packed =
@@ -166,12 +169,12 @@ inline constexpr std::array<float, 32> kExp2Fractions = exp2_fraction_table(kSca
 // 1 + f (a1 + a2 f) (minimax on [-1/64, 1/64] by Lawson's iteration: 5.3e-8 relative in exact
 // arithmetic) and 2^m is applied by vscalefps (2^floor of its argument k/32, which is m).
 // Adding 1.5 * 2^18 rounds t to a multiple of 1/32 and leaves k = 32 m + j in the low mantissa
-// bits, whose low 5 are the permute's index. Against a degree-5 polynomial over [-1/2, 1/2]:
-// 5 FMA-pipe slots instead of 7 (the mul, two FMAs and vscalefps' two) for 3 adds and a
-// permute on the other pipes. Measured SiLU loop on cached data: 13% fewer cycles.
-// Saturates without a clamp: 2^t is inf above t = 128 and 0 below about -150. NaN propagates,
-// and measured here, t = -inf gives 0 and +inf gives inf (f is NaN there; vscalefps' special
-// cases take over).
+// bits, whose low 5 are the permute's index. Why a table: a degree-5 polynomial over
+// [-1/2, 1/2] takes 7 FMA-pipe slots per vector, this takes 5 (the mul, two FMAs and
+// vscalefps' two) and moves 3 adds and a permute to the other pipes; the SiLU loop is bound
+// by the FMA pipes (AVX-512F, two 256-bit slots per 512-bit op on Zen 4).
+// Saturates without a clamp: 2^t is inf above t = 128 and 0 below about -150. NaN propagates;
+// t = -inf gives 0 and +inf gives inf (f is NaN there; vscalefps' special cases take over).
 template <float kScale>
 inline __m512 exp2_table(__m512 t) {
   // t must be rounded before the shifter is added: GCC's default -ffp-contract=fast would
@@ -194,9 +197,9 @@ inline __m512 exp2_table(__m512 t) {
 #endif
 
 // exp(-z) for every lane. AVX-512: 2^t with t = -z log2 e by exp2_table; inf for z below
-// about -88.7, where the callers' 1 / (1 + exp(-z)) is then 0, as it should be. Measured in
-// fp32 over z in [-88, 88]: at most 6e-7 relative for the SiLU wherever |silu| > 1e-3 (from
-// the rounding of t). Elsewhere PyTorch's vectorised exp (20 ulp, far below our tolerances)
+// about -88.7, where the callers' 1 / (1 + exp(-z)) is then 0, as it should be. In fp32 over
+// z in [-88, 88]: at most 6e-7 relative error for the SiLU wherever |silu| > 1e-3 (from the
+// rounding of t). Elsewhere PyTorch's vectorised exp (20 ulp, far below our tolerances)
 // of z clamped to +-88, so that 1 + exp(-z) stays finite.
 inline Vec exp_neg(const Vec& z) {
 #if defined(CPU_CAPABILITY_AVX512)
@@ -208,11 +211,11 @@ inline Vec exp_neg(const Vec& z) {
 }
 
 // The sigmoid and SiLU divide by 1 + exp(-z) with a full-width division. On Zen 4 the 512-bit
-// divide runs in its own unit (about one per 9 cycles) beside the FMA pipes, which the exp
-// already keeps busy; a reciprocal estimate, its Newton step and the multiply by z would add
-// 4 FMA-pipe slots to the affine's and the exp's. Measured A/B in the forward kernel: fp32
-// 7-19% faster, bf16 the same. The result is also correctly rounded, and where exp(-z) is inf
-// the quotient is 0 (z finite), the SiLU's and the sigmoid's limit.
+// vdivps runs in its own unit (about one per 9 cycles) beside the FMA pipes, which the exp
+// already keeps busy; a reciprocal estimate (vrcp14ps), its Newton step and the multiply by z
+// would add 4 FMA-pipe slots to the affine's and the exp's. The result is also correctly
+// rounded, and where exp(-z) is inf the quotient is 0 (z finite), the SiLU's and the
+// sigmoid's limit.
 
 // 1 / (1 + exp(-z)).
 inline Vec sigmoid(const Vec& z) {
@@ -234,11 +237,9 @@ inline acc_t silu(acc_t z) {
 // c = kNegLog2e, and c 2^t comes from exp2_table with c folded into its table. For z below
 // about -88.7, c 2^t is -inf and the quotient -0 (PyTorch's F.silu gives -0 there too). Step
 // by step across the K vectors, so their independent dependency chains interleave in the
-// instruction stream. One exp for fp32 and bf16 results: the degree-4 polynomial that bf16
-// took before was no faster than the table (same-process A/B). Always inlined: GCC had left
-// it a call in the bf16 NCHW apply loop for HW up to 256, whose four vectors then went through
-// memory around the call; inlined, bf16 2x1280x16x16 took 12-16% less time (three pairs of
-// processes).
+// instruction stream. One exp for fp32 and bf16 results (a shorter polynomial for bf16 is no
+// faster than the table). Always inlined: as a call (GCC leaves it one in the bf16 NCHW apply
+// loop otherwise), its K vectors go through memory around every call.
 template <int K>
 C10_ALWAYS_INLINE void silu_lanes_from_exponent(Vec (&t)[K]) {
 #if defined(CPU_CAPABILITY_AVX512)
