@@ -91,6 +91,8 @@ def _extensions() -> list:
     cxx = ["-O3", "-fopenmp", "-DNDEBUG"] + _host_simd_flags()
     if can_cuda:
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+            # No GPU to ask: machine code for sm_80 (Ampere) and sm_90 (Hopper), plus PTX
+            # that the driver compiles for newer GPUs.
             os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
         ext = cpp_extension.CUDAExtension(
