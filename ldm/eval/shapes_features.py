@@ -44,11 +44,16 @@ class ShapesFeatureNet(nn.Module):
         self.bottleneck = nn.Linear(channels, feature_dim)
         self.classifier = nn.Sequential(nn.ReLU(), nn.Linear(feature_dim, num_classes))
         self.widths, self.num_classes, self.dim = tuple(widths), num_classes, feature_dim
+        # The features are standardised with the training set's per-dimension mean and std: the
+        # raw bottleneck has values in the tens, which the cubic KID kernel (x.y / d + 1)^3 turns
+        # into numbers of order 1e6 with huge variance; Inception's pool features are of order 1.
+        self.register_buffer("feature_mean", torch.zeros(feature_dim))
+        self.register_buffer("feature_std", torch.ones(feature_dim))
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """x [B, 3, 64, 64] in [-1, 1] -> (features [B, D], logits [B, K])."""
-        features = self.bottleneck(self.body(x).mean(dim=(2, 3)))
-        return features, self.classifier(features)
+        """x [B, 3, 64, 64] in [-1, 1] -> (standardised features [B, D], logits [B, K])."""
+        raw = self.bottleneck(self.body(x).mean(dim=(2, 3)))
+        return (raw - self.feature_mean) / self.feature_std, self.classifier(raw)
 
 
 def to_input(images: np.ndarray) -> Tensor:
