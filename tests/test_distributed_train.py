@@ -39,19 +39,34 @@ def _weights(out: Path, step: int) -> dict[str, torch.Tensor]:
     return load_file(str(out / "checkpoints" / f"step-{step:07d}" / "weights.safetensors"))
 
 
-def test_two_ranks_with_ddp_resume_and_match_one_process(tmp_path):
+def _ldm_args(tmp_path: Path) -> list[str]:
+    """A tiny stage 2 on a one-step VAE."""
     folder = make_folder(tmp_path / "imgs", count=8)
     vae = tmp_path / "vae"
     assert script_main("vae", "", ["--config", str(ROOT / "configs/train_vae_tiny.yaml"), *TINY_VAE,
                                    f"data.path={folder}", "run.steps=1", "--out", str(vae), "--quiet"]) == 0
-    # the tiny config trains its text tower too; accumulation exercises DDP's no_sync
-    args = ["--config", str(ROOT / "configs/train_ldm_tiny.yaml"), *TINY_LDM, f"data.path={folder}",
-            f"ldm.vae={vae / 'vae.safetensors'}", "run.grad_accum=2", "run.gradient_checkpointing=true",
-            "run.checkpoint_every=2", "optim.warmup_steps=0", "optim.lr=0.01", "ema.decay=0.9",
+    return ["--config", str(ROOT / "configs/train_ldm_tiny.yaml"), *TINY_LDM, f"data.path={folder}",
+            f"ldm.vae={vae / 'vae.safetensors'}", "optim.warmup_steps=0", "optim.lr=0.01",
             # Adam with a large eps steps in proportion to the gradient (near SGD), so a gradient
             # that is not the global average shows; with the usual eps, Adam's sign-like first
             # steps would hide it
             "optim.eps=1.0", "optim.weight_decay=0", "--quiet"]
+
+
+def _update(weights: dict[str, torch.Tensor], start: dict[str, torch.Tensor]) -> torch.Tensor:
+    """How the trained network's weights moved from `start`."""
+    return torch.cat([(weights[k] - start[k]).flatten() for k in weights if k.startswith("net.")])
+
+
+def _relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
+    assert float(reference.abs().max()) > 1e-4  # they did train
+    return float((ours - reference).norm() / reference.norm())
+
+
+def test_two_ranks_with_ddp_resume_and_match_one_process(tmp_path):
+    # the tiny config trains its text tower too; accumulation exercises DDP's no_sync
+    args = [*_ldm_args(tmp_path), "run.grad_accum=2", "run.gradient_checkpointing=true",
+            "run.checkpoint_every=2", "ema.decay=0.9"]
     ddp, single = tmp_path / "ddp", tmp_path / "single"
     _torchrun([*args, "run.steps=2", "--out", str(ddp)])
     _torchrun(["--resume", str(ddp), "run.steps=4", "--quiet"])
@@ -61,15 +76,20 @@ def test_two_ranks_with_ddp_resume_and_match_one_process(tmp_path):
     assert a.keys() == one.keys()
     assert not [k for k in a if ".module." in k or k.startswith("module.")]
     assert any(k.startswith("ema.") for k in a)
-
-    def update(weights: dict[str, torch.Tensor], start: dict[str, torch.Tensor]) -> torch.Tensor:
-        return torch.cat([(weights[k] - start[k]).flatten() for k in weights if k.startswith("net.")])
-
     # The resumed steps 3 and 4 on two ranks move the weights as one process does: the same
     # global batches and noise, only the order of float sums differs.
-    ours, reference = update(a, _weights(ddp, 2)), update(one, _weights(single, 2))
-    assert float(reference.abs().max()) > 1e-4  # they did train
-    assert float((ours - reference).norm() / reference.norm()) < 1e-3
+    assert _relative_error(_update(a, _weights(ddp, 2)), _update(one, _weights(single, 2))) < 1e-3
     assert (ddp / "model.safetensors").is_file()
     steps = (ddp / "metrics.jsonl").read_text().splitlines()
     assert len(steps) == 4  # only rank 0 logged, without gaps across the resume
+
+
+def test_frozen_text_tower_two_ranks_match_one_process(tmp_path):
+    # DDP over the U-Net alone (a frozen tower has no trainable weights to look after)
+    args = [*_ldm_args(tmp_path), "model.text_encoder.trainable=false", "run.steps=2",
+            "run.checkpoint_every=1"]
+    ddp, single = tmp_path / "ddp", tmp_path / "single"
+    _torchrun([*args, "--out", str(ddp)])
+    assert script_main("ldm", "", [*args, "--out", str(single)]) == 0
+    ours = _update(_weights(ddp, 2), _weights(ddp, 1))
+    assert _relative_error(ours, _update(_weights(single, 2), _weights(single, 1))) < 1e-3
