@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 import ldm
 from conftest import FIXTURES, close_to_reference
 from ldm.diffusion.samplers import visited_timesteps
-from ldm.inference import SamplingOptions, decode, encode_prompts, sample
+from ldm.inference import SamplingOptions, encode_prompts
 from ldm.inference.conditioning import concat_unet
 from ldm.inference.encode import encode_latent, encode_moments, to_pixels
 from ldm.inference.img2img import img2img, img2img_latents, stochastic_encode
@@ -28,6 +28,11 @@ from ldm.inference.upscale import augment, upscale
 
 EDITING = FIXTURES / "editing_dev"
 pytestmark = pytest.mark.skipif(not EDITING.is_dir(), reason="reference fixtures not present")
+
+
+def load(weights, config) -> "ldm.Pipeline":
+    """A fixture model in float32 (the reference's precision), without measuring the machine."""
+    return ldm.load_pipeline(weights, config=config, dtype=torch.float32, autotune=False)
 
 
 def reference(name: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -45,7 +50,7 @@ def img2img_ref():
 @pytest.fixture(scope="module")
 def sd2_pipes():
     base = FIXTURES / "sd2_dev"
-    return {kind: ldm.load_pipeline(base / "tiny_dev.safetensors", config=base / yaml)
+    return {kind: load(base / "tiny_dev.safetensors", base / yaml)
             for kind, yaml in (("eps", "tiny_dev.yaml"), ("v", "tiny_dev_v.yaml"))}
 
 
@@ -80,31 +85,31 @@ def test_img2img_encoding_matches_reference(sd2_pipes, img2img_ref):
 
 @pytest.mark.parametrize("kind", ["eps", "v"])
 def test_img2img_run_matches_reference(sd2_pipes, img2img_ref, kind):
+    """The front door from the picture, with the recorded draws: every step and the image."""
     ref, meta = img2img_ref
     pipe, options = sd2_pipes[kind], img2img_options(meta)
     start = edit_start(pipe, options, options.strength)
     plan = visited_timesteps("ddim", pipe.schedule, options.steps)
     assert torch.equal(plan[start:], ref[f"img2img.{kind}.timesteps"])
-    xs, denoised = [], []
-    final = img2img_latents(pipe, ref["img2img.c"], ref["img2img.uc"], ref["img2img.init_latent"],
-                            options, options.strength, encode_noise=ref["img2img.encode_noise"],
-                            callback=lambda i, x, d: (xs.append(x.clone()), denoised.append(d.clone())))
-    close_to_reference(torch.stack(xs), ref[f"img2img.{kind}.x_steps"][1:], "x_steps")
-    close_to_reference(torch.stack(denoised), ref[f"img2img.{kind}.pred_x0"], "pred_x0")
-    close_to_reference(final, ref[f"img2img.{kind}.final"], "final")
-    with torch.inference_mode():
-        close_to_reference(pipe.decode_latents(final), ref[f"img2img.{kind}.decoded"], "decoded")
-    close_to_reference((decode(pipe, final) + 1) / 2, ref[f"img2img.{kind}.image"], "image")
-
-
-@pytest.mark.parametrize("kind", ["eps", "v"])
-def test_img2img_front_door_matches_reference_image(sd2_pipes, img2img_ref, kind):
-    ref, meta = img2img_ref
-    image = Image.fromarray(ref["inputs.init_image_uint8"].numpy())
-    images = img2img(sd2_pipes[kind], img2img_options(meta), image,
+    steps = Steps()
+    images = img2img(pipe, options, Image.fromarray(ref["inputs.init_image_uint8"].numpy()),
                      posterior_noise=ref["img2img.posterior_noise"],
-                     encode_noise=ref["img2img.encode_noise"])
+                     encode_noise=ref["img2img.encode_noise"], callback=steps)
+    steps.check(ref, f"img2img.{kind}")
     same_pixels(images, ref[f"img2img.{kind}.image"])
+    with torch.inference_mode():
+        decoded = pipe.decode_latents(steps.xs[-1])
+    close_to_reference(decoded, ref[f"img2img.{kind}.decoded"], "decoded")
+    close_to_reference((decoded.clamp(-1, 1) + 1) / 2, ref[f"img2img.{kind}.image"], "image")
+
+
+def test_img2img_from_the_latent_matches_reference(sd2_pipes, img2img_ref):
+    """img2img_latents from the reference's init latent (the API below the front door)."""
+    ref, meta = img2img_ref
+    pipe, options = sd2_pipes["eps"], img2img_options(meta)
+    final = img2img_latents(pipe, ref["img2img.c"], ref["img2img.uc"], ref["img2img.init_latent"],
+                            options, options.strength, encode_noise=ref["img2img.encode_noise"])
+    close_to_reference(final, ref["img2img.eps.final"], "final")
 
 
 def same_pixels(images: list[Image.Image], ref: torch.Tensor) -> None:
@@ -116,7 +121,7 @@ def same_pixels(images: list[Image.Image], ref: torch.Tensor) -> None:
 
 @pytest.fixture(scope="module")
 def inpaint_model():
-    pipe = ldm.load_pipeline(EDITING / "tiny_inpaint.safetensors", config=EDITING / "tiny_inpaint.yaml")
+    pipe = load(EDITING / "tiny_inpaint.safetensors", EDITING / "tiny_inpaint.yaml")
     return pipe, *reference("tiny_inpaint_ref")
 
 
@@ -141,36 +146,49 @@ def test_inpaint_conditioning_matches_reference(inpaint_model):
     context, uncond = encode_prompts(pipe, inpaint_options(meta))
     close_to_reference(context, ref["inpaint.c"], "c")
     close_to_reference(uncond, ref["inpaint.uc"], "uc")
+    unet = concat_unet(pipe.unet, ref["inputs.unet_c_concat"])
+    with torch.inference_mode():
+        out = unet(ref["inputs.unet_x"], ref["inputs.unet_t"], ref["inputs.unet_c"])
+    close_to_reference(out, ref["unet.out"], "unet.out")
 
 
 def test_inpaint_run_matches_reference(inpaint_model):
+    """The front door from the pictures, with the recorded draws: every step and the image."""
     pipe, ref, meta = inpaint_model
     options = inpaint_options(meta)
-    plan = visited_timesteps("ddim", pipe.schedule, options.steps)
-    assert torch.equal(plan, ref["inpaint.timesteps"])
-    xs, denoised = [], []
-    final = sample(pipe, ref["inpaint.c"], ref["inpaint.uc"], ref["inpaint.x_T"], options,
-                   unet=concat_unet(pipe.unet, ref["inpaint.c_concat"]), noise=ref["inpaint.step_noise"],
-                   callback=lambda i, x, d: (xs.append(x.clone()), denoised.append(d.clone())))
-    close_to_reference(torch.stack(xs), ref["inpaint.x_steps"][1:], "x_steps")
-    close_to_reference(torch.stack(denoised), ref["inpaint.pred_x0"], "pred_x0")
-    close_to_reference(final, ref["inpaint.final"], "final")
-    with torch.inference_mode():
-        close_to_reference(pipe.decode_latents(final), ref["inpaint.decoded"], "decoded")
-
-
-def test_inpaint_front_door_matches_reference_image(inpaint_model):
-    pipe, ref, meta = inpaint_model
-    images = inpaint(pipe, inpaint_options(meta), Image.fromarray(ref["inputs.image_uint8"].numpy()),
+    assert torch.equal(visited_timesteps("ddim", pipe.schedule, options.steps), ref["inpaint.timesteps"])
+    steps = Steps()
+    images = inpaint(pipe, options, Image.fromarray(ref["inputs.image_uint8"].numpy()),
                      Image.fromarray(ref["inputs.mask_uint8"].numpy()), x_T=ref["inpaint.x_T"],
                      masked_image_noise=ref["inpaint.masked_image_posterior_noise"],
-                     noise=ref["inpaint.step_noise"])
+                     noise=ref["inpaint.step_noise"], callback=steps)
+    steps.check(ref, "inpaint")
     same_pixels(images, ref["inpaint.image"])
+    with torch.inference_mode():
+        close_to_reference(pipe.decode_latents(steps.xs[-1]), ref["inpaint.decoded"], "decoded")
+
+
+class Steps:
+    """A sampling callback keeping every step's latent and denoised estimate."""
+
+    def __init__(self) -> None:
+        self.xs: list[torch.Tensor] = []
+        self.denoised: list[torch.Tensor] = []
+
+    def __call__(self, i: int, x: torch.Tensor, denoised: torch.Tensor) -> None:
+        self.xs.append(x.clone())
+        self.denoised.append(denoised.clone())
+
+    def check(self, ref: dict[str, torch.Tensor], prefix: str) -> None:
+        """x after each step, pred_x0 per step and the final latent against the reference."""
+        close_to_reference(torch.stack(self.xs), ref[f"{prefix}.x_steps"][1:], "x_steps")
+        close_to_reference(torch.stack(self.denoised), ref[f"{prefix}.pred_x0"], "pred_x0")
+        close_to_reference(self.xs[-1], ref[f"{prefix}.final"], "final")
 
 
 @pytest.fixture(scope="module")
 def x4_model():
-    pipe = ldm.load_pipeline(EDITING / "tiny_x4.safetensors", config=EDITING / "tiny_x4.yaml")
+    pipe = load(EDITING / "tiny_x4.safetensors", EDITING / "tiny_x4.yaml")
     return pipe, *reference("tiny_x4_ref")
 
 
@@ -196,23 +214,15 @@ def test_upscaler_conditioning_matches_reference(x4_model):
 
 
 def test_upscaler_run_matches_reference(x4_model):
+    """The front door from the low-res picture, with the recorded draws: every step, the image."""
     pipe, ref, meta = x4_model
     options = x4_options(meta)
     plan = visited_timesteps("ddim", pipe.schedule, options.steps)
     assert len(plan) == 16 and torch.equal(plan, ref["x4.timesteps"])  # S=15: 16 steps
-    xs, denoised = [], []
-    unet = concat_unet(pipe.unet, ref["x4.x_aug"], ref["x4.noise_level"])
-    final = sample(pipe, ref["x4.c"], ref["x4.uc"], ref["x4.x_T"], options, unet=unet,
-                   callback=lambda i, x, d: (xs.append(x.clone()), denoised.append(d.clone())))
-    close_to_reference(torch.stack(xs), ref["x4.x_steps"][1:], "x_steps")
-    close_to_reference(torch.stack(denoised), ref["x4.pred_x0"], "pred_x0")
-    close_to_reference(final, ref["x4.final"], "final")
-    with torch.inference_mode():
-        close_to_reference(pipe.decode_latents(final), ref["x4.decoded"], "decoded")
-
-
-def test_upscale_front_door_matches_reference_image(x4_model):
-    pipe, ref, meta = x4_model
-    images = upscale(pipe, x4_options(meta), Image.fromarray(ref["inputs.lr_uint8"].numpy()),
-                     x_T=ref["x4.x_T"], aug_noise=ref["x4.aug_noise"])
+    steps = Steps()
+    images = upscale(pipe, options, Image.fromarray(ref["inputs.lr_uint8"].numpy()),
+                     x_T=ref["x4.x_T"], aug_noise=ref["x4.aug_noise"], callback=steps)
+    steps.check(ref, "x4")
     same_pixels(images, ref["x4.image"])
+    with torch.inference_mode():
+        close_to_reference(pipe.decode_latents(steps.xs[-1]), ref["x4.decoded"], "decoded")

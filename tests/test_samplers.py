@@ -277,3 +277,73 @@ def test_parameterisation_round_trip_matches_fused_step(kind):
     assert torch.allclose(back_x0, x0, atol=1e-5) and torch.allclose(back_eps, eps, atol=1e-5)
     _, denoised = sampler_step_reference(x, target, step_coefficients(a=a, s=s), prediction_type=kind)
     assert torch.allclose(denoised, x0, atol=1e-5)
+
+
+@pytest.mark.parametrize("steps", [1, 7, 8, 12, 15, 30, 50, 999])
+def test_uniform_spacing_is_sd_make_ddim_timesteps(steps):
+    import numpy as np
+    reference = np.asarray(list(range(0, 1000, 1000 // steps))) + 1  # util.make_ddim_timesteps
+    if reference[-1] >= 1000:  # T // S = 1: the reference would index past alphas_cumprod
+        reference = reference - 1
+    ours = spaced_timesteps(1000, steps)
+    assert ours.flip(0).tolist() == reference.tolist()
+    assert len(spaced_timesteps(1000, steps, "leading")) == steps
+
+
+def test_visited_timesteps_count_every_callback():
+    from ldm.diffusion.samplers import visited_timesteps
+    assert len(spaced_timesteps(1000, 12)) == 13 and len(spaced_timesteps(1000, 30)) == 31
+    for name in SAMPLERS:
+        seen = []
+        sample(name, gaussian_denoiser(), start_noise(2), SCHEDULE, 12,
+               generator=torch.Generator().manual_seed(0), callback=lambda i, x, d: seen.append(i))
+        expected = 12 if name in samplers_module.SIGMA_SAMPLERS else 13
+        assert len(visited_timesteps(name, SCHEDULE, 12)) == len(seen) == expected, name
+
+
+@pytest.mark.parametrize("name", ["ddim", "ddpm", "euler", "euler_a"])
+def test_start_runs_the_tail_of_the_same_plan(name):
+    """History-free samplers: the plan from index k on, started at the latent the whole run
+    had there, ends where the whole run ends (same per-step noise)."""
+    x = start_noise(4)
+    n = len(samplers_module.visited_timesteps(name, SCHEDULE, 10))
+    noise = torch.randn(n, *x.shape, generator=torch.Generator().manual_seed(2))
+    xs = []
+    whole = sample(name, gaussian_denoiser(), x, SCHEDULE, 10, noise=noise,
+                   callback=lambda i, x_, d: xs.append(x_))
+    tail = sample(name, gaussian_denoiser(), xs[3], SCHEDULE, 10, start=4, noise=noise[4:])
+    assert torch.allclose(tail, whole, atol=1e-5)
+    with pytest.raises(ValueError, match="start must be"):
+        sample(name, gaussian_denoiser(), x, SCHEDULE, 10, start=n)
+
+
+def test_encode_level_follows_sd_img2img_for_timestep_samplers():
+    from ldm.diffusion.samplers import encode_level, step_levels
+    a, s = step_levels("ddim", SCHEDULE, 8)
+    # stochastic_encode noises to ddim_alphas[t_enc]; decode's first step is one lower.
+    assert encode_level("ddim", SCHEDULE, 8, 2) == (a[1].item(), s[1].item())
+    assert encode_level("ddim", SCHEDULE, 8, 0) == (a[0].item(), s[0].item())
+    a, s = step_levels("euler", SCHEDULE, 8)
+    assert encode_level("euler", SCHEDULE, 8, 2) == (a[2].item(), s[2].item())
+    assert (a[-1].item(), s[-1].item()) == (1.0, 0.0)
+    assert torch.allclose(a ** 2 + s ** 2, torch.ones_like(a), atol=1e-12)
+
+
+@pytest.mark.parametrize("name", list(SAMPLERS))
+def test_every_sampler_edits_gaussian_data_from_a_later_start(name):
+    """img2img on N(MU, VAR) data: data noised to the start level, the tail run, still data."""
+    from ldm.diffusion.samplers import encode_level
+    g = torch.Generator().manual_seed(8)
+    x0 = MU + VAR.sqrt() * torch.randn(256, 4, 8, 8, generator=g)
+    steps = 100 if name in DETERMINISTIC else 250
+    n = len(samplers_module.visited_timesteps(name, SCHEDULE, steps))
+    start = n - steps // 2
+    a, s = encode_level(name, SCHEDULE, steps, start)
+    x = a * x0 + s * torch.randn(x0.shape, generator=g)
+    calls = []
+    out = sample(name, gaussian_denoiser(PredictionType.V), x, SCHEDULE, steps, start=start,
+                 generator=g, hook=lambda i, x_: (calls.append(i), x_)[1])
+    assert calls == list(range(n - start + 1))  # before each step and on the final latent
+    mean, var = out.mean((0, 2, 3)), out.var((0, 2, 3))
+    assert ((mean - MU.flatten()).abs() <= 0.05).all(), (mean, MU.flatten())
+    assert ((var / VAR.flatten() - 1).abs() <= 0.12).all(), (var, VAR.flatten())

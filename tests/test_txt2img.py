@@ -207,3 +207,28 @@ def test_script_bad_input_exits_2_without_files(tiny, tmp_path, capsys, extra, m
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and match in err, err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("upscaler", ["latent", "pixels"])
+def test_hires_fix_doubles_the_size_and_counts_both_passes(tiny, upscaler):
+    from ldm.inference import task_steps
+    pipe, _ = tiny
+    options = SamplingOptions(prompt="a red circle", steps=4, guidance_scale=3.0, seed=2,
+                              hr_scale=2, hr_strength=0.5, hr_upscale=upscaler)
+    seen = []
+    (image,) = txt2img(pipe, options, callback=lambda i, x, d: seen.append(i))
+    assert image.size == (64, 64)
+    assert seen == list(range(6)) and task_steps(pipe, options) == 6  # 4 + int(0.5 * 4)
+    with pytest.raises(SamplingError, match="hr_scale must be in"):
+        SamplingOptions(hr_scale=1.0)
+    with pytest.raises(SamplingError, match="hr_upscale must be one of"):
+        SamplingOptions(hr_upscale="nearest")
+
+
+def test_uniform_ddim_spacing_runs_more_steps_than_asked(tiny):
+    from ldm.inference import run_steps
+    pipe, _ = tiny
+    options = SamplingOptions(prompt="x", steps=12, guidance_scale=1.0)
+    seen = []
+    txt2img(pipe, options, callback=lambda i, x, d: seen.append(i))
+    assert len(seen) == run_steps(pipe, options) == 13  # range(0, 1000, 83) + 1

@@ -47,8 +47,9 @@ def blend_hook(original: Tensor, keep: Tensor, levels: tuple[Tensor, Tensor],
                             f"got {list(noise.shape)}")
 
     def hook(i: int, x: Tensor) -> Tensor:
-        known = original if s[i] == 0 else a[i] * original + s[i] * noise[i]
-        return x + keep.to(x.dtype) * (known.to(x.dtype) - x)
+        known = (original if s[i] == 0 else a[i] * original + s[i] * noise[i]).to(x.dtype)
+        weight = keep.to(x.dtype)
+        return weight * known + (1 - weight) * x  # exact where keep is 0 or 1
     return hook
 
 
