@@ -148,3 +148,23 @@ def test_generate_then_score(folders, tmp_path, capsys) -> None:
     assert len(list(saved.glob("*.png"))) == FEATURE_DIM + 1
     assert (saved / "000001.txt").read_text().strip() == "a green square on a white background"
     assert json.loads((tmp_path / "r.json").read_text())["num_fake"] == FEATURE_DIM + 1
+
+
+def test_clip_score_column(folders, tmp_path, capsys) -> None:
+    import open_clip
+    import torch
+
+    from test_eval_features import TINY_CLIP
+
+    real, fake = folders
+    config = tmp_path / "tiny-cli-clip.json"
+    config.write_text(json.dumps(TINY_CLIP))
+    open_clip.add_model_config(config)
+    torch.manual_seed(0)
+    torch.save(open_clip.create_model("tiny-cli-clip").state_dict(), tmp_path / "clip.pt")
+    code, out, err = run(["--real", str(real), "--fake", str(fake), "--kid-subsets", "5", "--clip-score",
+                          "--clip-model", str(config), "--clip-weights", str(tmp_path / "clip.pt"),
+                          "--out", str(tmp_path / "c.json")], capsys)
+    assert code == 0, err
+    assert "CLIP score" in out
+    assert 0 <= json.loads((tmp_path / "c.json").read_text())["metrics"]["CLIP score"] <= 100
