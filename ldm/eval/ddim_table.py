@@ -110,8 +110,12 @@ def markdown(result: dict) -> str:
                   + " |\n" for eta in result["etas"])
     acc = "".join(f"| {eta:g} | " + " | ".join(f"{cell(result, eta, s)['judge_all']:.1f}%" for s in result["steps"])
                   + " |\n" for eta in result["etas"])
+    kid = "".join(f"| {eta:g} | " + " | ".join(
+        f"{cell(result, eta, s)['kid']:.3f} ± {cell(result, eta, s)['kid_stderr']:.3f}" for s in result["steps"])
+        + " |\n" for eta in result["etas"])
     return (f"shapes-FID ({result['num_fake']} generated vs {result['num_real']} held-out real images; lower is better)\n\n"
-            + head + rule + fid + "\nshapes judge, all three attributes correct (higher is better)\n\n"
+            + head + rule + fid + "\nshapes-KID ± standard error over subsets (lower is better)\n\n"
+            + head + rule + kid + "\nshapes judge, all three attributes correct (higher is better)\n\n"
             + head + rule + acc)
 
 
