@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
@@ -25,6 +26,7 @@ PADS = ("pad_left", "pad_right", "pad_top", "pad_bottom")
 
 
 def add_flags(p: argparse.ArgumentParser) -> None:
+    """inpaint's own flags."""
     p.add_argument("--image", default=None, help="the picture to edit")
     p.add_argument("--mask", default=None, help="white = repaint, black = keep (same size as --image)")
     p.add_argument("--mask-dilate", type=int, default=0, help="grow the mask by N pixels")
@@ -37,7 +39,8 @@ def add_flags(p: argparse.ArgumentParser) -> None:
         p.add_argument(f"--pad-{side}", type=int, default=0, help=f"outpaint N pixels on the {side}")
 
 
-def options(args: argparse.Namespace) -> dict:
+def options(args: argparse.Namespace) -> dict[str, object]:
+    """The SamplingOptions fields of the flags."""
     return {"strength": args.strength, "mask_dilate": args.mask_dilate,
             "mask_feather": args.mask_feather, "keep_unmasked": args.keep_unmasked}
 
@@ -58,7 +61,9 @@ def canvas(inputs: dict, args: argparse.Namespace) -> tuple:
     return inputs["image"], inputs["mask"]
 
 
-def prepare(pipe, opts, inputs, args):
+def prepare(pipe: "Pipeline", opts: "SamplingOptions", inputs: "Inputs",
+            args: argparse.Namespace) -> "SamplingOptions":
+    """Options bound to the model and the canvas (padded when outpainting)."""
     from ldm.inference.conditioning import require_conditioning
     from ldm.inference.img2img import resolve_for_image
     require_conditioning(pipe, "crossattn", "inpaint")
@@ -66,7 +71,9 @@ def prepare(pipe, opts, inputs, args):
     return resolve_for_image(opts, pipe, inputs["canvas"][0])
 
 
-def generate(pipe, opts, inputs, callback):
+def generate(pipe: "Pipeline", opts: "SamplingOptions", inputs: "Inputs",
+             callback: "Callback") -> "list[Image.Image]":
+    """One batch of inpainted images."""
     from ldm.inference import inpaint
     image, mask = inputs["canvas"]
     return inpaint(pipe, opts, image, mask, callback=callback)

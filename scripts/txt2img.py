@@ -15,10 +15,19 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
 from ldm.inference.cli import Task, main as run_task  # noqa: E402
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from ldm.inference import SamplingOptions
+    from ldm.inference.cli import Inputs
+    from ldm.inference.sampling import Callback
+    from ldm.pipeline import Pipeline
 
 
 def add_flags(p: argparse.ArgumentParser) -> None:
@@ -34,12 +43,14 @@ def add_flags(p: argparse.ArgumentParser) -> None:
                    help="hires fix: upscale the latent (bilinear) or the decoded image (Lanczos)")
 
 
-def options(args: argparse.Namespace) -> dict:
+def options(args: argparse.Namespace) -> dict[str, object]:
+    """The hires fix fields of SamplingOptions."""
     return {"hr_scale": args.hr_scale, "hr_strength": args.hr_strength,
             "hr_upscale": args.hr_upscale}
 
 
-def prepare(pipe, opts, inputs, args):
+def prepare(pipe: "Pipeline", opts: "SamplingOptions", inputs: "Inputs",
+            args: argparse.Namespace) -> "SamplingOptions":
     """Checked against the model (the hires pass's size too); CUDA graphs set up once."""
     from dataclasses import replace
 
@@ -57,7 +68,9 @@ def prepare(pipe, opts, inputs, args):
     return replace(resolve(opts, pipe), vae_tile=opts.vae_tile)
 
 
-def generate(pipe, opts, inputs, callback):
+def generate(pipe: "Pipeline", opts: "SamplingOptions", inputs: "Inputs",
+             callback: "Callback") -> "list[Image.Image]":
+    """One batch of images."""
     from ldm.inference import txt2img
     return txt2img(pipe, opts, callback=callback, graphs=inputs.get("graphs"))
 

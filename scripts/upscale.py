@@ -13,25 +13,39 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
 from ldm.inference.cli import Task, main as run_task  # noqa: E402
 
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from ldm.inference import SamplingOptions
+    from ldm.inference.cli import Inputs
+    from ldm.inference.sampling import Callback
+    from ldm.pipeline import Pipeline
+
 
 def add_flags(p: argparse.ArgumentParser) -> None:
+    """upscale's own flags."""
     p.add_argument("--image", default=None, help="the low-res picture")
     p.add_argument("--noise-level", type=int, default=None,
                    help="augmentation noise level of the low-res picture (default 20; the "
                         "model's range, 0..350 for SD's upscaler)")
 
 
-def prepare(pipe, opts, inputs, args):
+def prepare(pipe: "Pipeline", opts: "SamplingOptions", inputs: "Inputs",
+            args: argparse.Namespace) -> "SamplingOptions":
+    """Options bound to the upscaler: output size and noise level."""
     from ldm.inference.upscale import resolve_upscale
     return resolve_upscale(opts, pipe, inputs["image"])
 
 
-def generate(pipe, opts, inputs, callback):
+def generate(pipe: "Pipeline", opts: "SamplingOptions", inputs: "Inputs",
+             callback: "Callback") -> "list[Image.Image]":
+    """One batch of upscaled images."""
     from ldm.inference import upscale
     return upscale(pipe, opts, inputs["image"], callback=callback)
 
