@@ -90,7 +90,11 @@ def load_shapes_features(path: str | Path | None = None) -> ShapesFeatureNet:
     except Exception as err:  # noqa: BLE001 - any unreadable file is one user-facing error
         raise EvalError(f"cannot read shapes feature weights {path}: {err}") from None
     net = ShapesFeatureNet(tuple(meta["widths"]), meta["num_classes"], meta["feature_dim"])
-    net.load_state_dict(tensors, strict=True)
+    try:
+        net.load_state_dict(tensors, strict=True)
+    except RuntimeError as err:
+        raise EvalError(f"shapes feature weights {path} do not match the network: "
+                        f"{' '.join(str(err).split())}") from None
     return net.eval().requires_grad_(False)
 
 
