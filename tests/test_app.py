@@ -153,3 +153,19 @@ def test_a_checkpoint_that_fails_to_load_leaves_the_app_usable(tmp_path) -> None
     assert any("Could not load" in e.value for e in at.error)
     at.sidebar.text_input(key="model_path").set_value("").run()
     assert_clean(at)
+
+
+def test_another_checkpoint_chosen_in_the_sidebar_generates(tmp_path) -> None:
+    from conftest import tiny_config
+
+    from ldm.pipeline import Pipeline
+    path = tmp_path / "tiny.safetensors"
+    Pipeline.from_config(tiny_config()).save(path)
+    at = open_page("Generation")
+    at.sidebar.text_input(key="model_path").set_value(str(path)).run()
+    assert_clean(at)
+    at.number_input(key="gen_steps").set_value(2)
+    at.button(key="gen_run").click().run()
+    assert_clean(at)
+    final = [e for e in at.image if e.captions == ["final image"]]
+    assert final

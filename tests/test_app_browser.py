@@ -1,4 +1,4 @@
-"""The app end to end in a real browser: `streamlit run` on localhost, Debian's Chromium via Selenium."""
+"""The app end to end in a browser: `streamlit run` on localhost, Debian's Chromium via Selenium."""
 from __future__ import annotations
 
 import os

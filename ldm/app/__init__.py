@@ -1,1 +1,1 @@
-"""The Streamlit app that shows diffusion at work (`streamlit run scripts/app.py`): one module per page."""
+"""The Streamlit app showing diffusion at work (`streamlit run scripts/app.py`), a module a page."""

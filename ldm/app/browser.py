@@ -1,7 +1,8 @@
-"""Serve the app on localhost and drive it in Debian's headless Chromium (browser test, screenshots)."""
+"""Serve the app on localhost and drive it in Debian's headless Chromium (test, screenshots)."""
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import shutil
 import socket
@@ -23,9 +24,7 @@ def browser_missing() -> str | None:
     if missing:
         return (f"{' and '.join(missing)} not found: install Debian's packages "
                 "(apt-get install chromium chromium-driver, or `make browser` as root)")
-    try:
-        import selenium  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("selenium") is None:
         return "selenium is not installed (pip install -r requirements-dev.txt)"
     return None
 
@@ -139,7 +138,8 @@ class AppDriver:
     def _slider_input(self, label: str):
         from selenium.webdriver.common.by import By
         return self.driver.find_element(
-            By.XPATH, f'//div[@data-testid="stSlider"]//input[@type="range" and @aria-label="{label}"]')
+            By.XPATH, '//div[@data-testid="stSlider"]//input[@type="range" and '
+                      f'@aria-label="{label}"]')
 
     def press_slider(self, label: str, key: str, times: int) -> str:
         """Focus the slider labelled `label` (its thumb) and press `key` `times` times; returns
@@ -171,6 +171,12 @@ class AppDriver:
         from selenium.webdriver.common.by import By
         button = self.driver.find_element(By.XPATH, f'//button[.//p[text()="{text}"]]')
         self.interact(button.click)
+
+    def click_label(self, text: str) -> None:
+        """Click the label (checkbox, radio option) showing `text`."""
+        from selenium.webdriver.common.by import By
+        label = self.driver.find_element(By.XPATH, f'//label[.//p[text()="{text}"]]')
+        self.interact(label.click)
 
     def captions(self) -> list[str]:
         """The captions of every image on the page."""

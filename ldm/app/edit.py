@@ -37,7 +37,8 @@ def progress_callback(pipe: Pipeline, options: SamplingOptions):
     """A progress bar and the sampler callback that advances it."""
     total = max(1, task_steps(pipe, options))
     bar = st.progress(0.0, text="Sampling...")
-    return bar, lambda i, x, d: bar.progress(min((i + 1) / total, 1.0), text=f"Step {i + 1} of {total}")
+    return bar, lambda i, x, d: bar.progress(min((i + 1) / total, 1.0),
+                                             text=f"Step {i + 1} of {total}")
 
 
 def run_edit(pipe: Pipeline, kind: str, image: Image.Image, mask: Image.Image,
@@ -63,10 +64,11 @@ def page() -> None:
         image = fit(image, pipe.config.autoencoder.resolution)
         kind = st.radio("Edit", ["img2img", "inpaint"], horizontal=True, key="edit_kind")
         mask = mask_input(image) if kind == "inpaint" else None
-        prompt = st.text_input("Prompt", "a yellow triangle on a black background", key="edit_prompt")
+        prompt = st.text_input("Prompt", "a yellow triangle on a black background",
+                               key="edit_prompt")
         cols = st.columns(3)
         strength = cols[0].slider("Strength", 0.05, 1.0, 0.6, 0.05, key="edit_strength",
-                                  help="How much of the sampling plan re-runs: 1 starts from noise.")
+                                  help="How much of the plan re-runs: 1 starts from noise.")
         steps = int(cols[1].number_input("Steps", 1, 1000, 20, key="edit_steps"))
         seed = int(cols[2].number_input("Seed", 0, 2**31 - 1, 0, key="edit_seed"))
     with right:

@@ -65,7 +65,8 @@ def page() -> None:
         image, text = image_input("forward")
         st.image(image, caption=text or "uploaded", width=128)
         zero_snr = st.checkbox("Also zero terminal SNR", key="forward_zero_snr")
-        latent_view = st.checkbox("Through the VAE (latent space)", value=True, key="forward_latent")
+        latent_view = st.checkbox("Through the VAE (latent space)", value=True,
+                                  key="forward_latent")
     chosen = schedules(zero_snr)
     with right:
         t = st.slider("t", 0, T - 1, 250, key="forward_t")

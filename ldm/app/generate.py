@@ -11,10 +11,12 @@ from ldm.diffusion.samplers import SAMPLERS, STOCHASTIC_SAMPLERS
 from ldm.errors import LdmError
 from ldm.inference import (SamplingOptions, encode_prompts, latents_to_images, resolve, run_steps,
                            sample, start_noise, txt2img)
+from ldm.inference.conditioning import require_conditioning
 from ldm.inference.images import decode
 from ldm.pipeline import Pipeline
 
-MAX_FRAMES = 16  # decoding every step of a long run would cost more than the run itself
+MAX_FRAMES = 10  # decoding every step of a long run would cost more than the run itself
+FRAME = 80  # pixels per strip frame: a run of MAX_FRAMES fits one row
 DEFAULT_PROMPT = "a red circle on a blue background"
 
 
@@ -44,6 +46,7 @@ def options_form() -> SamplingOptions | None:
 
 def trajectory(pipe: Pipeline, options: SamplingOptions) -> dict:
     """Run one image, filling the x_t / predicted-x_0 strip as the sampler's callback fires."""
+    require_conditioning(pipe, "crossattn")  # inpainting / upscaling models need their inputs
     options = resolve(options, pipe)
     total = run_steps(pipe, options)
     stride = max(1, -(-total // MAX_FRAMES))
@@ -55,12 +58,12 @@ def trajectory(pipe: Pipeline, options: SamplingOptions) -> dict:
         bar.progress((i + 1) / total, text=f"Step {i + 1} of {total}")
         if i % stride and i != total - 1:
             return
-        images = [to_image(p, 96) for p in decode(pipe, torch.cat([x[:1], denoised[:1]]))]
+        images = [to_image(p, FRAME) for p in decode(pipe, torch.cat([x[:1], denoised[:1]]))]
         frames["x"].append(images[0])
         frames["x0"].append(images[1])
         frames["captions"].append(f"step {i + 1}")
-        strip_x.image(frames["x"], caption=frames["captions"], width=96)
-        strip_x0.image(frames["x0"], caption=frames["captions"], width=96)
+        strip_x.image(frames["x"], caption=frames["captions"], width=FRAME)
+        strip_x0.image(frames["x0"], caption=frames["captions"], width=FRAME)
 
     context, uncond = encode_prompts(pipe, options)
     x_T, generators = start_noise(pipe, options)
@@ -83,8 +86,8 @@ def parameters(options: SamplingOptions, model: str) -> dict[str, object]:
 def show_result(result: dict) -> None:
     """The strips, the final image and its download."""
     st.markdown("**x_t after each step** (top) and **predicted x_0** (bottom)")
-    st.image(result["x"], caption=result["captions"], width=96)
-    st.image(result["x0"], caption=result["captions"], width=96)
+    st.image(result["x"], caption=result["captions"], width=FRAME)
+    st.image(result["x0"], caption=result["captions"], width=FRAME)
     st.image(result["image"], caption="final image", width=256)
     model = st.session_state.get("model_path") or "shapes (embedded)"
     st.download_button("Download PNG (with parameters)",

@@ -10,7 +10,9 @@ from torch import Tensor
 
 from ldm.app.common import fit, image_input, pipeline, to_image, to_tensor
 from ldm.errors import LdmError
-from ldm.inference import SamplingOptions, encode_prompts, latents_to_images, resolve, sample, start_noise
+from ldm.inference import (SamplingOptions, encode_prompts, latents_to_images, resolve, sample,
+                           start_noise)
+from ldm.inference.conditioning import require_conditioning
 from ldm.inference.encode import encode_latent
 from ldm.inference.images import decode
 from ldm.pipeline import Pipeline
@@ -89,6 +91,7 @@ def interpolations(pipe: Pipeline) -> None:
         st.error("Enter both prompts.")
         return
     try:
+        require_conditioning(pipe, "crossattn")  # inpainting / upscaling models need more inputs
         base = resolve(SamplingOptions(prompt=prompt_a, steps=steps, seed=seed_a,
                                        guidance_scale=5.0), pipe)
     except LdmError as err:

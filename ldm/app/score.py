@@ -5,7 +5,7 @@ import matplotlib.pyplot as plt
 import streamlit as st
 import torch
 
-from ldm.app.toy import GaussianMixture, learned_score, sample_paths
+from ldm.app.toy import learned_score, sample_paths
 from ldm.app.trainers import ToyTrainer
 
 PRETRAIN_STEPS = 800
@@ -81,9 +81,9 @@ def page() -> None:
     st.pyplot(field_plot(trainer, t, density))
     st.subheader("Sample paths")
     cols = st.columns(3)
-    sampler = cols[0].radio("Sampler", ["ddpm", "ddim"], horizontal=True, key="score_sampler")
+    sampler = cols[0].radio("Sampler", ["ddim", "ddpm"], horizontal=True, key="score_sampler")
     steps = int(cols[1].number_input("Steps", 2, 1000, 50, key="score_steps"))
     count = int(cols[2].number_input("Paths", 1, 200, 40, key="score_paths"))
     with st.spinner("Sampling..."):
-        st.pyplot(paths_plot(trainer, sampler, steps, count))
+        st.columns(2)[0].pyplot(paths_plot(trainer, sampler, steps, count))
     plt.close("all")

@@ -17,7 +17,7 @@ TOY_TIMESTEPS = 1000
 
 
 def toy_schedule() -> Schedule:
-    """DDPM's linear schedule (1e-4..0.02, 1000 steps): it reaches pure noise for unit-scale data."""
+    """DDPM's linear schedule (1e-4..0.02, 1000 steps): it ends in noise for unit-scale data."""
     return make_schedule(DiffusionConfig(num_timesteps=TOY_TIMESTEPS, beta_schedule="linear",
                                          linear_start=1e-4, linear_end=0.02))
 

@@ -64,8 +64,7 @@ def page() -> None:
         state["training"] = len(trainer.losses) < target
     if stop:
         state["training"] = False
-    done = len(trainer.losses)
-    st.progress(min(done / target, 1.0), text=f"{done} / {target} steps")
+    bar = st.progress(0.0)
     if state.get("training"):
         deadline = time.monotonic() + SLICE_SECONDS
         while time.monotonic() < deadline and len(trainer.losses) < target:
@@ -76,6 +75,8 @@ def page() -> None:
             state["train_samples"] = trainer.samples()
             state["train_sampled_at"] = len(trainer.losses)
         state["training"] = not finished
+    done = len(trainer.losses)
+    bar.progress(min(done / target, 1.0), text=f"{done} / {target} steps")
     if trainer.losses:
         st.line_chart({"loss": trainer.losses, "smoothed": smoothed(trainer.losses)}, height=220)
     show_samples(trainer)
