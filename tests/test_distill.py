@@ -12,6 +12,7 @@ from ldm.prediction import PredictionType
 from ldm.train.distill import DistillConfig, Distiller, teacher_plan
 from ldm.train.state import ResumeError
 
+
 class TinyDenoiser(torch.nn.Module):
     """A small network (x, t, context) -> output: a per-timestep gain on a 1x1 convolution of x
     plus a context bias. Initialised as the exact eps of N(0, I) data (eps = s_t x_t), so the
@@ -30,7 +31,9 @@ class TinyDenoiser(torch.nn.Module):
         gain = self.gain(t.long())[:, :, None, None]                   # [B, 1, 1, 1]
         return gain * self.mix(x) + 0.1 * self.bias(context.mean(1))[:, :, None, None]
 
+
 SCHEDULE = make_schedule(DiffusionConfig())
+
 
 def _data():
     """A pool of 16 latents [4, 4, 4] and two contexts [1, 3, 8]; rows drawn by the generator."""
@@ -42,6 +45,7 @@ def _data():
         return pool[i], contexts[i % 2]
     return data, pool, contexts[torch.arange(16) % 2]
 
+
 def _distiller(tmp_path, resume=None, **overrides):
     torch.manual_seed(0)
     data, _, _ = _data()
@@ -51,12 +55,14 @@ def _distiller(tmp_path, resume=None, **overrides):
     return Distiller(TinyDenoiser(SCHEDULE), SCHEDULE, PredictionType.EPS, uncond, data,
                      DistillConfig(**fields), tmp_path, resume=resume)
 
+
 def test_config_checks_and_rounds():
     assert DistillConfig(teacher_steps=64, final_steps=4).student_steps() == [32, 16, 8, 4]
     for bad in (dict(teacher_steps=48, final_steps=4), dict(teacher_steps=4, final_steps=4),
                 dict(iterations=0)):
         with pytest.raises(ValueError):
             DistillConfig(**bad)
+
 
 @pytest.mark.parametrize("steps", [1, 2, 4, 16, 32, 250])
 def test_grids_nest(steps):
@@ -65,6 +71,7 @@ def test_grids_nest(steps):
     assert t_s[0] == 999 and (t_s > t_mid).all()
     assert (abar[:, 0] < abar[:, 1]).all() and (abar[:, 1] < abar[:, 2]).all()
     assert abar[-1, 2] == schedule.alphas_cumprod[0]
+
 
 @pytest.mark.parametrize("round_index", [0, 1])
 def test_target_makes_one_ddim_step_land_on_the_teachers_two(tmp_path, round_index):
@@ -86,6 +93,7 @@ def test_target_makes_one_ddim_step_land_on_the_teachers_two(tmp_path, round_ind
         two = col(a[:, 2]) * x2 + col(s[:, 2] / s[:, 1]) * (z1 - col(a[:, 1]) * x2)
     torch.testing.assert_close(one, two, rtol=1e-4, atol=1e-4)
 
+
 def test_a_round_lowers_the_one_step_error(tmp_path):
     d = _distiller(tmp_path, iterations=60, checkpoint_every=60, teacher_steps=4)
     _, pool, contexts = _data()
@@ -94,6 +102,7 @@ def test_a_round_lowers_the_one_step_error(tmp_path):
     after = d.one_step_error(pool, contexts, 0, seed=123)
     assert after < 0.5 * before, (before, after)
     assert (tmp_path / "checkpoints" / "step-0000060").is_dir()
+
 
 def test_resume_continues_exactly(tmp_path):
     whole = _distiller(tmp_path / "whole")
@@ -109,6 +118,7 @@ def test_resume_continues_exactly(tmp_path):
         assert torch.equal(a, b)
     with pytest.raises(ResumeError):
         _distiller(tmp_path / "other", resume=tmp_path / "part", lr=5e-4)
+
 
 def test_distilled_student_in_the_ddim_sampler_matches_the_teachers_two_steps(tmp_path):
     """After a round, the student's N-step trailing DDIM run lands near the teacher's 2N-step run."""
