@@ -134,6 +134,7 @@ def test_ddim_table_small(tmp_path: Path) -> None:
     assert [(c["eta"], c["steps"]) for c in result["cells"]] == [(0.0, 1), (1.0, 1)]
     assert all(c["fid"] > 0 and 0 <= c["judge_all"] <= 100 for c in result["cells"])
     table = markdown(result)
-    assert "| eta | S = 1 |" in table and "| 1 |" in table and "shapes-KID" in table
+    assert "| eta | S = 1 |" in table and "| 1 |" in table and "shapes-KID" in table and "noise floor" in table
+    assert result["real_floor_fid"] > 0
     paths = write_outputs(result, tmp_path / "t.json")
     assert all(p.is_file() for p in paths) and not list(tmp_path.glob("*.tmp*"))

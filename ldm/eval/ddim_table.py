@@ -26,6 +26,7 @@ ETAS = (0.0, 0.2, 0.5, 1.0)
 # The default model trains on seed 0 (full images) and seed 1 (autoencoder crops); the shapes
 # feature network on seeds 2 and 1002. Real images for the table come from an unused seed.
 REAL_SEED = 7000
+FLOOR_SEED = 8000  # seeds 8000.. give the real-against-real draws that show the noise floor
 # Paper Table 1, CIFAR-10 FID (eta = 0 is DDIM, eta = 1 its DDPM-like end), for reference.
 PAPER_CIFAR10 = {0.0: (13.36, 6.84, 4.67, 4.16), 1.0: (41.07, 18.36, 8.01, 5.78)}
 
@@ -35,6 +36,16 @@ def real_set(num: int, size: int = 64) -> tuple[list[np.ndarray], list[tuple[str
     dataset = ShapesDataset(num, seed=REAL_SEED, size=size, exclude=HELD_OUT_TRIPLES)
     specs = [dataset.spec(i)[0] for i in range(num)]
     return [render(spec, size) for spec in specs], [spec.triple for spec in specs]
+
+
+def real_floor(extractor: Extractor, real_feats: np.ndarray, num: int, draws: int = 10) -> tuple[float, float]:
+    """Mean and std of the FID of `num` other real images against the real set: the table's noise floor."""
+    values = []
+    for draw in range(draws):
+        dataset = ShapesDataset(num, seed=FLOOR_SEED + draw, exclude=HELD_OUT_TRIPLES)
+        feats, _ = extract(extractor, [render(dataset.spec(i)[0], 64) for i in range(num)])
+        values.append(frechet_distance_from_features(real_feats, feats))
+    return float(np.mean(values)), float(np.std(values))
 
 
 def judge_accuracy(images: list[np.ndarray], triples: list[tuple[str, str, str]]) -> float:
@@ -92,7 +103,10 @@ def run_table(pipe, options, make_extractor: Callable[[], Extractor], num_fake: 
         cells.append(cell)
         log(f"eta {eta:<4g} S {s:<4d} {extractor.metric_prefix}FID {cell['fid']:8.3f}  "
             f"{extractor.metric_prefix}KID {kid:.4f} ± {kid_se:.4f}  judge {cell['judge_all']:5.1f}%")
-    return {"cells": cells, "steps": list(steps), "etas": list(etas), "num_fake": num_fake,
+    floor, floor_std = real_floor(extractor, real_feats, num_fake)
+    log(f"noise floor: {num_fake} other real images score {extractor.metric_prefix}FID {floor:.3f} ± {floor_std:.3f}")
+    return {"cells": cells, "real_floor_fid": floor, "real_floor_fid_std": floor_std,
+            "steps": list(steps), "etas": list(etas), "num_fake": num_fake,
             "num_real": num_real, "real_seed": REAL_SEED, "guidance_scale": options.guidance_scale,
             "features": extractor.name, "generation_seconds": sum(c["seconds"] for c in cells)}
 
@@ -103,7 +117,8 @@ def cell(result: dict, eta: float, s: int) -> dict:
 
 
 def markdown(result: dict) -> str:
-    """Two markdown tables (shapes-FID; judge accuracy), rows eta, columns S, as in the paper."""
+    """Markdown tables of FID, KID and judge accuracy (rows eta, columns S, as in the paper)."""
+    p = "shapes-" if result["features"] == "shapes" else ""
     head = "| eta | " + " | ".join(f"S = {s}" for s in result["steps"]) + " |\n"
     rule = "|---|" + "---:|" * len(result["steps"]) + "\n"
     fid = "".join(f"| {eta:g} | " + " | ".join(f"{cell(result, eta, s)['fid']:.2f}" for s in result["steps"])
@@ -113,10 +128,12 @@ def markdown(result: dict) -> str:
     kid = "".join(f"| {eta:g} | " + " | ".join(
         f"{cell(result, eta, s)['kid']:.3f} ± {cell(result, eta, s)['kid_stderr']:.3f}" for s in result["steps"])
         + " |\n" for eta in result["etas"])
-    return (f"shapes-FID ({result['num_fake']} generated vs {result['num_real']} held-out real images; lower is better)\n\n"
-            + head + rule + fid + "\nshapes-KID ± standard error over subsets (lower is better)\n\n"
+    return (f"{p}FID ({result['num_fake']} generated vs {result['num_real']} held-out real images; lower is better)\n\n"
+            + head + rule + fid + f"\n{p}KID ± standard error over subsets (lower is better)\n\n"
             + head + rule + kid + "\nshapes judge, all three attributes correct (higher is better)\n\n"
-            + head + rule + acc)
+            + head + rule + acc
+            + f"\nnoise floor: {result['num_fake']} other real images against the same real set score "
+            f"{p}FID {result['real_floor_fid']:.2f} ± {result['real_floor_fid_std']:.2f} (10 draws)\n")
 
 
 def plot(result: dict, path: str | Path) -> None:
@@ -131,7 +148,11 @@ def plot(result: dict, path: str | Path) -> None:
         row = [cell(result, eta, s) for s in result["steps"]]
         ax_fid.plot(result["steps"], [c["fid"] for c in row], marker="o", label=f"eta = {eta:g}")
         ax_acc.plot(result["steps"], [c["judge_all"] for c in row], marker="o", label=f"eta = {eta:g}")
-    for ax, label in ((ax_fid, "shapes-FID (lower is better)"), (ax_acc, "judge all-three accuracy, %")):
+    floor, spread = result["real_floor_fid"], result["real_floor_fid_std"]
+    ax_fid.axhline(floor, color="grey", linestyle="--", label="real vs real (noise floor)")
+    ax_fid.axhspan(floor - spread, floor + spread, color="grey", alpha=0.15)
+    p = "shapes-" if result["features"] == "shapes" else ""
+    for ax, label in ((ax_fid, f"{p}FID (lower is better)"), (ax_acc, "judge all-three accuracy, %")):
         ax.set_xscale("log")
         ax.set_xticks(result["steps"], [str(s) for s in result["steps"]])
         ax.set_xlabel("DDIM steps S")
