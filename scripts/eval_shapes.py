@@ -5,6 +5,9 @@ seeds (repeat r of triple i uses seed + i + 1000 r) and read back by plain pixel
 (ldm.data.shapes_classifier). Prints accuracy for colour, shape, background, all three, all
 three on the 8 held-out triples, and the swap rate (shape and background colours exchanged, a
 typical binding error of text-conditioned models); saves a grid PNG of the first repeat.
+With --classifier, images are steered toward each triple by classifier guidance
+(ldm.diffusion.classifier_guidance); with --unconditional too, the prompt is empty and only
+the classifier asks for the triple. --limit N scores N evenly spread triples.
 `--dataset` runs the same classifier on the dataset's own images instead (must be 100%).
 """
 from __future__ import annotations
@@ -47,6 +50,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--outdir", default="outputs/eval_shapes",
                    help="where grid.png and results.json go (default outputs/eval_shapes)")
     p.add_argument("--device", default="cpu", help="torch device for generation (default cpu)")
+    p.add_argument("--classifier", default=None, help="latent classifier for classifier guidance")
+    p.add_argument("--classifier-scale", type=float, default=1.0,
+                   help="--classifier: guidance scale s (default 1)")
+    p.add_argument("--unconditional", action="store_true",
+                   help="empty prompts without classifier-free guidance (only --classifier steers)")
+    p.add_argument("--limit", type=int, default=0,
+                   help="score this many evenly spread triples (default 0: all 168)")
     args = p.parse_args(argv)
     if args.num < 1:
         p.error("--num must be >= 1")
@@ -58,6 +68,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--batch must be >= 1")
     if args.seeds < 1:
         p.error("--seeds must be >= 1")
+    if not 0 <= args.limit <= len(all_triples()):
+        p.error(f"--limit must be in 0..{len(all_triples())}")
+    if args.classifier_scale < 0:
+        p.error("--classifier-scale must be >= 0")
     return args
 
 
@@ -122,12 +136,20 @@ def evaluate_dataset(args: argparse.Namespace) -> tuple[dict, dict, dict, list]:
     return summarise(truth, pred), images, preds, list(zip(truth, pred))
 
 
-def generate_images(pipe, prompts: list[str], first_seed: int, args: argparse.Namespace) -> list[np.ndarray]:
-    """RGB arrays for `prompts` (prompt k with seed first_seed + k), batched exactly as txt2img."""
+def generate_images(pipe, prompts: list[str], first_seed: int, args: argparse.Namespace,
+                    triple: Triple | None = None) -> list[np.ndarray]:
+    """RGB arrays for `prompts` (prompt k with seed first_seed + k), batched exactly as txt2img;
+    with args.classifier, steered toward `triple` by classifier guidance."""
     from ldm.inference import SamplingOptions, txt2img
+    guide = {}
+    if getattr(args, "classifier", None) and triple is not None:
+        guide = {"classifier": args.classifier, "classifier_scale": args.classifier_scale,
+                 "classifier_labels": "color={},shape={},bg={}".format(*triple)}
+    if getattr(args, "unconditional", False):
+        prompts = [""] * len(prompts)
     options = SamplingOptions(prompt=tuple(prompts), steps=args.steps, sampler=args.sampler,
-                              guidance_scale=args.scale, height=args.size, width=args.size,
-                              seed=first_seed)
+                              guidance_scale=1.0 if getattr(args, "unconditional", False) else args.scale,
+                              height=args.size, width=args.size, seed=first_seed, **guide)
     return [np.asarray(image.convert("RGB")) for image in txt2img(pipe, options)]
 
 
@@ -141,14 +163,18 @@ def evaluate_model(args: argparse.Namespace) -> tuple[dict, dict, dict, list]:
         raise ValueError(f"checkpoint not found: {ckpt}")
     pipe = ldm.load_pipeline(str(ckpt), device=args.device)
     triples = all_triples()
+    if args.limit:
+        triples = [triples[k * len(triples) // args.limit] for k in range(args.limit)]
+    batch = 1 if args.classifier else args.batch  # one triple's labels per guided batch
     truth, pred, images, preds = [], [], {}, {}
     with tqdm(total=len(triples) * args.seeds, desc="generate") as bar:
         for repeat in range(args.seeds):
-            for start in range(0, len(triples), args.batch):
-                chunk = triples[start:start + args.batch]
+            for start in range(0, len(triples), batch):
+                chunk = triples[start:start + batch]
                 first_seed = args.seed + start + SEED_STRIDE * repeat
+                guided = chunk[0] if args.classifier else None
                 for triple, pixels in zip(chunk, generate_images(pipe, [caption(t) for t in chunk],
-                                                                  first_seed, args)):
+                                                                  first_seed, args, guided)):
                     got = classify(pixels).triple
                     truth.append(triple)
                     pred.append(got)

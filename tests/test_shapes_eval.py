@@ -55,7 +55,7 @@ def test_dataset_mode_scores_100_percent(tmp_path):
 
 def _fake_generate(broken_shape: str | None, calls: list):
     """Stands in for generate_images: 'generates' the true image of each canonical caption."""
-    def generate(pipe, prompts, first_seed, args):
+    def generate(pipe, prompts, first_seed, args, triple=None):
         calls.append((list(prompts), first_seed))
         out = []
         for prompt in prompts:
@@ -146,3 +146,25 @@ def test_missing_checkpoint_is_one_line(tmp_path):
     out = subprocess.run([sys.executable, str(SCRIPT), "--ckpt", str(tmp_path / "nope.safetensors")],
                          capture_output=True, text=True, cwd=ROOT)
     assert out.returncode != 0 and "checkpoint not found" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_classifier_mode_guides_each_triple_alone(tmp_path, monkeypatch):
+    import ldm
+
+    ev = _load_script()
+    calls: list = []
+    fake = _fake_generate(None, calls)
+    guided: list = []
+
+    def generate(pipe, prompts, first_seed, args, triple=None):
+        guided.append(triple)
+        return fake(pipe, prompts, first_seed, args, triple)
+    monkeypatch.setattr(ev, "generate_images", generate)
+    monkeypatch.setattr(ldm, "load_pipeline", lambda path, **kw: object(), raising=False)
+    ckpt = tmp_path / "model.safetensors"
+    ckpt.write_bytes(b"stub")
+    assert ev.main(["--ckpt", str(ckpt), "--seeds", "2", "--limit", "12", "--classifier", "c.st",
+                    "--outdir", str(tmp_path / "out")]) == 0
+    assert len(calls) == 24 and all(len(batch) == 1 for batch, _ in calls)
+    assert [tuple(caption.split()[i] for i in (1, 2, 5)) for (caption,), _ in calls] == guided
+    assert len(set(guided)) == 12
