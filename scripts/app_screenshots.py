@@ -13,9 +13,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from ldm.app.browser import AppDriver, browser_missing, chrome, serve
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout without install
+
+from ldm.app.browser import AppDriver, browser_missing, chrome, serve  # noqa: E402
 
 
 def forward(app: AppDriver) -> None:
@@ -35,7 +36,8 @@ def generation(app: AppDriver) -> None:
 
 
 def latent(app: AppDriver) -> None:
-    """A seed interpolation."""
+    """A prompt interpolation."""
+    app.click_label("Prompts (seed A)")
     app.click_button("Interpolate")
     app.wait.until(lambda d: any(c.startswith("w = ") for c in app.captions()))
 
@@ -63,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     """Write one PNG per page; 1 with a message when the browser is missing."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "docs", help="folder for app_*.png")
+    parser.add_argument("--pages", nargs="+", choices=list(PAGES), default=list(PAGES),
+                        help="only these pages")
     args = parser.parse_args(argv)
     problem = browser_missing()
     if problem:
@@ -73,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         driver = chrome()
         try:
             app = AppDriver(driver, url)
-            for slug, (title, action) in PAGES.items():
+            for slug in args.pages:
+                title, action = PAGES[slug]
                 driver.set_window_size(1400, 1000)
                 app.page(title)
                 if action is not None:

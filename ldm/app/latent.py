@@ -49,8 +49,8 @@ def reconstruction(pipe: Pipeline) -> None:
     mse = float((recon - pixels).pow(2).mean())
     psnr = 10 * math.log10(4 / max(mse, 1e-12))  # peak-to-peak 2 in [-1, 1]
     cols = st.columns(4)
-    cols[0].image(to_image(pixels[0], 160), caption=text or "input")
-    cols[1].image(to_image(recon[0], 160), caption="reconstruction")
+    cols[0].image(to_image(pixels[0], 160), caption=text or "input", width=160)
+    cols[1].image(to_image(recon[0], 160), caption="reconstruction", width=160)
     cols[2].metric("PSNR", f"{psnr:.1f} dB")
     cols[3].metric("Scale factor", f"{pipe.config.diffusion.scale_factor:.5f}",
                    help="Latents are multiplied by it so the U-Net sees roughly unit variance.")
@@ -79,8 +79,8 @@ def interpolations(pipe: Pipeline) -> None:
     prompt_a = st.text_input("Prompt A", "a red circle on a blue background", key="interp_a")
     prompt_b = st.text_input("Prompt B", "a yellow square on a green background", key="interp_b")
     cols = st.columns(4)
-    seed_a = int(cols[0].number_input("Seed A", 0, 2**31 - 1, 0, key="interp_seed_a"))
-    seed_b = int(cols[1].number_input("Seed B", 0, 2**31 - 1, 1, key="interp_seed_b"))
+    seed_a = int(cols[0].number_input("Seed A", 0, 2**31 - 1, 1, key="interp_seed_a"))
+    seed_b = int(cols[1].number_input("Seed B", 0, 2**31 - 1, 2, key="interp_seed_b"))
     frames = int(cols[2].number_input("Frames", 2, 12, 5, key="interp_frames"))
     steps = int(cols[3].number_input("Steps", 1, 200, 10, key="interp_steps"))
     mode = st.radio("Interpolate", ["Seeds (prompt A)", "Prompts (seed A)"], horizontal=True,

@@ -37,7 +37,7 @@ def show_samples(trainer) -> None:
         ax.set_ylim(-3, 3)
         ax.set_aspect("equal")
         ax.legend(fontsize=7)
-        st.pyplot(fig)
+        st.columns(2)[0].pyplot(fig)
         plt.close(fig)
     else:
         st.image([to_image(x, 64) for x in samples], width=64)
