@@ -1,10 +1,11 @@
 """Screenshots of every app page in docs/app_*.png, made in Debian's headless Chromium.
 
-    python scripts/app_screenshots.py [--out docs]
+    python scripts/app_screenshots.py [--out docs] [--pages forward generation ...]
 
 Serves `streamlit run scripts/app.py` on a free localhost port (embedded model), drives each
-page as a user would (a generation, an interpolation, a short training run, an img2img edit)
-and saves the whole page. Needs the app extra and selenium, /usr/bin/chromium and chromedriver.
+page as a user would (a 25-step generation and a guidance sweep, a prompt interpolation, 200
+training steps, an img2img edit, a shape repainted in a painted mask) and saves the whole page.
+Needs the app extra and selenium, /usr/bin/chromium and chromedriver.
 """
 from __future__ import annotations
 
@@ -56,9 +57,32 @@ def editing(app: AppDriver) -> None:
     app.wait.until(lambda d: any(c.startswith("img2img") for c in app.captions()))
 
 
+def inpaint(app: AppDriver) -> None:
+    """The square painted over (a wide brush, three strokes) and repainted from noise as a
+    circle."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    app.click_label("inpaint")
+    app.click_label("Draw")
+    app.press_slider("Brush", "\ue014", 36)  # ARROW_RIGHT: 24 -> 60 pixels
+    app.wait.until(lambda d: app.css("iframe"))
+    app.driver.switch_to.frame(app.css("iframe")[0])
+    canvas = app.wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "canvas"))[-1]
+    for dy in (-60, -10, 40):  # offsets from the canvas centre, in screen pixels
+        ActionChains(app.driver).move_to_element_with_offset(canvas, -45, dy).click_and_hold() \
+            .move_by_offset(50, 0).move_by_offset(50, 0).release().perform()
+    app.driver.switch_to.default_content()
+    app.settle()
+    app.type_text("Prompt", "a red circle on a blue background")
+    app.press_slider("Strength", "\ue014", 8)  # 0.6 -> 1.0: from noise inside the mask
+    app.click_button("Run")
+    app.wait.until(lambda d: any(c.startswith("inpaint") for c in app.captions()))
+
+
 PAGES = {"forward": ("Forward process", forward), "generation": ("Generation", generation),
          "latent": ("Latent space", latent), "score": ("Score view", None),
-         "train": ("Train a tiny denoiser", train), "editing": ("Editing", editing)}
+         "train": ("Train a tiny denoiser", train), "editing": ("Editing", editing),
+         "inpaint": ("Editing", inpaint)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -176,3 +176,13 @@ def test_another_checkpoint_chosen_in_the_sidebar_generates(tmp_path) -> None:
     assert_clean(at)
     final = [e for e in at.image if e.captions == ["final image"]]
     assert final
+
+
+def test_editing_draw_mask_waits_for_a_drawing() -> None:
+    pytest.importorskip("streamlit_drawable_canvas", reason="the drawing canvas is optional")
+    at = open_page("Editing")
+    at.radio(key="edit_kind").set_value("inpaint").run()
+    at.radio(key="mask_source").set_value("Draw").run()
+    assert_clean(at)
+    assert any("rectangle is used until then" in info.value for info in at.info)
+    assert any(e.captions == ["input", "mask"] or "mask" in e.captions for e in at.image)

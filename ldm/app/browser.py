@@ -166,6 +166,17 @@ class AppDriver:
             field.send_keys(str(value), Keys.ENTER)
         self.interact(edit)
 
+    def type_text(self, label: str, text: str) -> None:
+        """Replace the text in the text input labelled `label`."""
+        from selenium.webdriver.common.by import By
+        from selenium.webdriver.common.keys import Keys
+        field = self.driver.find_element(By.XPATH, f'//input[@aria-label="{label}"]')
+
+        def edit() -> None:
+            field.send_keys(Keys.CONTROL, "a")
+            field.send_keys(text, Keys.ENTER)
+        self.interact(edit)
+
     def click_button(self, text: str) -> None:
         """Click the button showing `text`."""
         from selenium.webdriver.common.by import By

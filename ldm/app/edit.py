@@ -1,6 +1,8 @@
 """Page: img2img (strength) and inpainting with an uploaded or rectangle mask."""
 from __future__ import annotations
 
+import importlib.util
+
 import streamlit as st
 from PIL import Image, ImageDraw
 
@@ -8,6 +10,10 @@ from ldm.app.common import fit, image_input, pipeline, read_image
 from ldm.errors import LdmError
 from ldm.inference import SamplingOptions, img2img, inpaint, task_steps
 from ldm.pipeline import Pipeline
+
+# The drawing canvas is an optional component (streamlit-drawable-canvas-fix on PyPI).
+CAN_DRAW = importlib.util.find_spec("streamlit_drawable_canvas") is not None
+CANVAS = 256  # canvas side in screen pixels
 
 
 def rectangle_mask(size: tuple[int, int]) -> Image.Image:
@@ -22,9 +28,30 @@ def rectangle_mask(size: tuple[int, int]) -> Image.Image:
     return mask
 
 
+def drawn_mask(image: Image.Image) -> Image.Image | None:
+    """A mask painted over the image on a canvas (None until something is drawn)."""
+    from streamlit_drawable_canvas import st_canvas
+    brush = st.slider("Brush", 4, 60, 24, key="mask_brush")
+    result = st_canvas(background_image=image.resize((CANVAS, CANVAS)), drawing_mode="freedraw",
+                       stroke_color="#ffffff", stroke_width=brush, fill_color="#ffffff",
+                       height=CANVAS, width=CANVAS, update_streamlit=True, key="mask_canvas")
+    data = getattr(result, "image_data", None)
+    if data is None or not data[..., 3].any():
+        return None
+    painted = Image.fromarray(((data[..., 3] > 0) * 255).astype("uint8"), mode="L")
+    return painted.resize(image.size, Image.Resampling.NEAREST)
+
+
 def mask_input(image: Image.Image) -> Image.Image:
-    """An uploaded mask (white = repaint; resized to the image) or a rectangle."""
-    kind = st.radio("Mask", ["Rectangle", "Upload"], horizontal=True, key="mask_source")
+    """A drawn mask (when the canvas component is installed), an uploaded one (white =
+    repaint; resized to the image) or a rectangle."""
+    sources = ["Rectangle", "Upload"] + (["Draw"] if CAN_DRAW else [])
+    kind = st.radio("Mask", sources, horizontal=True, key="mask_source")
+    if kind == "Draw":
+        mask = drawn_mask(image)
+        if mask is not None:
+            return mask
+        st.info("Paint the part to repaint; the rectangle is used until then.")
     if kind == "Upload":
         upload = read_image(st.file_uploader("Mask image (white = repaint)", key="mask_upload"))
         if upload is not None:
