@@ -9,7 +9,7 @@ from PIL import Image
 import ldm
 from conftest import FIXTURES, load_script
 from ldm.errors import SamplingError
-from ldm.inference import SamplingOptions, txt2img, upscale
+from ldm.inference import SamplingOptions, img2img, txt2img, upscale
 from ldm.inference.upscale import noise_level_range
 
 EDIT = FIXTURES / "editing_dev"
@@ -44,6 +44,8 @@ def test_wrong_level_and_wrong_task_are_refused(x4):
         SamplingOptions(noise_level=-1)
     with pytest.raises(SamplingError, match="x4 upscaler model"):
         txt2img(x4, SamplingOptions(prompt="x", steps=2))
+    with pytest.raises(SamplingError, match="x4 upscaler model.*upscale.py"):
+        img2img(x4, SamplingOptions(prompt="x", steps=2, strength=0.5), low_res())
 
 
 def run(tmp_path, capsys, *extra):

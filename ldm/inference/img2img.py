@@ -19,6 +19,7 @@ from ldm.diffusion.guidance import UNetFn
 from ldm.diffusion.noise import Generators, randn, seeded_generators
 from ldm.diffusion.samplers import Hook, encode_level
 from ldm.errors import SamplingError
+from ldm.inference.conditioning import require_conditioning
 from ldm.inference.encode import encode_latent, fit_size, resize_to, to_pixels
 from ldm.inference.images import latents_to_images
 from ldm.inference.options import SamplingOptions, resolve
@@ -90,6 +91,7 @@ def img2img(pipe: "Pipeline", options: SamplingOptions, init_image: Images, *,
     of the latent factor. Random tensors not given are drawn from the per-image seeds, in the
     order posterior noise, encode noise, per-step noise; init_latent replaces the encoding.
     """
+    require_conditioning(pipe, "crossattn")
     if options.strength is None:
         raise SamplingError("img2img needs a strength in (0, 1] in its options")
     first = init_image if isinstance(init_image, Image.Image) else list(init_image)[0]
