@@ -205,7 +205,7 @@ def apply_png_parameters(task: Task, args: argparse.Namespace, params: dict) -> 
     args.config = args.config or params.get("config")
     if args.ckpt is None and params.get("model") and Path(params["model"]).is_file():
         args.ckpt = params["model"]
-    args.vae_tile = params.get("vae_tile", 0)  # PNGs from before the flag were decoded in one pass
+    args.vae_tile = params.get("vae_tile", 0)  # a PNG without the key was decoded in one pass
     args.only_index = params["index"]
     args.expected_hash = params.get("model_hash")
     inputs = params.get("inputs", {})
