@@ -252,9 +252,9 @@ def test_silu_and_its_gradient_match_float64_across_the_exp_range(layout: str):
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_bf16_output_rounds_like_the_reference(channels_last: bool):
     # bf16 outputs are rounded from the fp32 SiLU (an exact division; a table exp, 6e-7
-    # relative): almost every element must round to the reference's bf16 value (measured: 0%
-    # NCHW and 0.009% channels_last differ; 0.01-0.08% with the earlier degree-4 exp; a
-    # reciprocal estimate without a Newton step made it 0.3%).
+    # relative): almost every element must round to the reference's bf16 value (0% NCHW and
+    # 0.009% channels_last differ on AVX-512; a reciprocal estimate without a Newton step
+    # would give 0.3%).
     torch.manual_seed(0)
     x = torch.randn(2, 64, 16, 16).to(torch.bfloat16)
     if channels_last:
@@ -294,8 +294,9 @@ def test_channels_last_bands_over_many_rows(dtype, affine, silu):
     ],
 )
 def test_fp32_forward_beyond_the_cache(shape, groups, layout):
-    # fp32 inputs whose input and output together exceed 32 MB write the output with
-    # non-temporal stores where it is vector-aligned (ordinary stores elsewhere).
+    # fp32 inputs whose input and output together exceed the L3 (32 MB on an AMD Zen 3 / Zen 4
+    # core complex) write the output with non-temporal stores where it is vector-aligned
+    # (ordinary stores elsewhere; AVX-512 builds).
     x, w, b = make_inputs(shape, torch.float32, layout)
     assert 2 * x.numel() * 4 > 32 << 20
     with torch.inference_mode():

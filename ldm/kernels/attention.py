@@ -1,7 +1,8 @@
 """Multi-head attention softmax(q k^T * scale) v: PyTorch's SDPA and our fused CPU bf16 kernel.
 
-The fused kernel (csrc/cpu/attention.cpp) exists because PyTorch's CPU flash attention runs
-bf16 no faster than fp32 here, while bf16 dot products (avx512_bf16) are about 2.4x faster.
+The fused kernel (csrc/cpu/attention.cpp) exists because on CPUs with avx512_bf16 but no AMX
+(AMD Zen 4) PyTorch's CPU flash attention runs bf16 no faster than fp32, while bf16 dot
+products (vdpbf16ps) are about 2.4x faster (docs/kernels.md).
 It is an inference kernel: whenever autograd would record the call, SDPA runs instead.
 """
 from __future__ import annotations
