@@ -8,8 +8,8 @@ phase (a, b), and one 2x2 convolution of the zero-padded input with the four pha
 stacked as 4 * C_out output channels computes every output pixel: 4 * 4 = 16 multiply-adds
 per input-output channel pair and input pixel against 4 * 9 = 36 for the direct form (2.25x
 fewer), and no 4x larger upsampled tensor. Measured on two AMD Zen 4 cores (fp32), the
-upsampling blocks of the SD VAE decoder and U-Net run 1.8-2.2x faster (docs/performance.md); outputs match the
-direct form to about 1e-6 relative (the folded weights are sums, rounded once).
+upsampling blocks of the SD VAE decoder and U-Net run 1.8-2.2x faster (docs/performance.md);
+outputs match the direct form to about 1e-6 relative (the folded weights are sums, rounded once).
 """
 from __future__ import annotations
 
