@@ -10,8 +10,13 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # selenium is imported only when a browser is driven
+    from selenium.webdriver.chrome.webdriver import WebDriver
+    from selenium.webdriver.remote.webelement import WebElement
 
 APP = Path(__file__).resolve().parents[2] / "scripts" / "app.py"
 CHROMIUM = "/usr/bin/chromium"
@@ -72,7 +77,7 @@ def serve(log: Path, timeout: float = 180) -> Iterator[str]:
             process.wait()
 
 
-def chrome(width: int = 1400, height: int = 1000):
+def chrome(width: int = 1400, height: int = 1000) -> "WebDriver":
     """Headless Debian Chromium through its chromedriver (no browser download)."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
@@ -90,7 +95,7 @@ def chrome(width: int = 1400, height: int = 1000):
 class AppDriver:
     """The few gestures the test and the screenshots need, each waiting for the app to settle."""
 
-    def __init__(self, driver, url: str, timeout: float = 300) -> None:
+    def __init__(self, driver: "WebDriver", url: str, timeout: float = 300) -> None:
         from selenium.webdriver.support.ui import WebDriverWait
         self.driver, self.timeout = driver, timeout
         self.wait = WebDriverWait(driver, timeout, poll_frequency=0.25)
@@ -114,7 +119,7 @@ class AppDriver:
             return None
         return apps[0].get_attribute("data-test-script-state")
 
-    def interact(self, action) -> None:
+    def interact(self, action: Callable[[], None]) -> None:
         """Run `action`, wait for the rerun it causes to start (briefly) and to end."""
         action()
         with contextlib.suppress(Exception):
@@ -135,7 +140,7 @@ class AppDriver:
         """The value shown by the slider labelled `label`."""
         return self._slider_input(label).get_attribute("value")
 
-    def _slider_input(self, label: str):
+    def _slider_input(self, label: str) -> "WebElement":
         from selenium.webdriver.common.by import By
         return self.driver.find_element(
             By.XPATH, '//div[@data-testid="stSlider"]//input[@type="range" and '

@@ -10,8 +10,8 @@ import streamlit as st
 import torch
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
-from ldm.data.shapes import ShapesDataset, caption
 import ldm
+from ldm.data.shapes import ShapesDataset, caption
 from ldm.pipeline import Pipeline
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "assets" / "shapes.safetensors"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+from typing import Any
 
 import streamlit as st
 from PIL import Image, ImageDraw
@@ -9,6 +10,7 @@ from PIL import Image, ImageDraw
 from ldm.app.common import fit, image_input, pipeline, read_image
 from ldm.errors import LdmError
 from ldm.inference import SamplingOptions, img2img, inpaint, task_steps
+from ldm.inference.sampling import Callback
 from ldm.pipeline import Pipeline
 
 # The drawing canvas is an optional component (streamlit-drawable-canvas-fix on PyPI).
@@ -60,7 +62,7 @@ def mask_input(image: Image.Image) -> Image.Image:
     return rectangle_mask(image.size)
 
 
-def progress_callback(pipe: Pipeline, options: SamplingOptions):
+def progress_callback(pipe: Pipeline, options: SamplingOptions) -> tuple[Any, Callback]:
     """A progress bar and the sampler callback that advances it."""
     total = max(1, task_steps(pipe, options))
     bar = st.progress(0.0, text="Sampling...")

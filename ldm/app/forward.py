@@ -4,6 +4,7 @@ from __future__ import annotations
 import matplotlib.pyplot as plt
 import streamlit as st
 import torch
+from PIL import Image
 
 from ldm.app.common import fit, image_input, pipeline, to_image, to_tensor
 from ldm.config import DiffusionConfig
@@ -82,7 +83,7 @@ def page() -> None:
         plt.close("all")
 
 
-def latent_row(image, chosen: dict[str, Schedule], t: int, names: list[str]) -> None:
+def latent_row(image: Image.Image, chosen: dict[str, Schedule], t: int, names: list[str]) -> None:
     """x_t made in the model's latent space, decoded back to pixels."""
     st.subheader("Latent space (noised latent, decoded by the VAE)")
     pipe = pipeline()

@@ -8,7 +8,7 @@ import streamlit as st
 import torch
 
 from ldm.app.common import to_image
-from ldm.app.trainers import TRAINERS, ToyTrainer
+from ldm.app.trainers import TRAINERS, ShapesTrainer, ToyTrainer
 
 SLICE_SECONDS = 1.0  # work per rerun: short enough for Stop to take effect promptly
 SAMPLE_EVERY = 50    # optimiser steps between refreshed samples
@@ -23,7 +23,7 @@ def smoothed(values: list[float], decay: float = 0.95) -> list[float]:
     return out
 
 
-def show_samples(trainer) -> None:
+def show_samples(trainer: ToyTrainer | ShapesTrainer) -> None:
     """The latest samples (scatter for the toy, images for shapes)."""
     samples = st.session_state.get("train_samples")
     if samples is None:

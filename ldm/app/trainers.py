@@ -20,8 +20,10 @@ class ToyTrainer:
     """The 2-D mixture's MLP, Adam, and the losses so far."""
 
     def __init__(self, lr: float = 2e-3, batch: int = 256, seed: int = 0) -> None:
-        torch.manual_seed(seed)  # the app's own process: the MLP's initial weights
-        self.model, self.data, self.schedule = ToyMLP(), GaussianMixture(), toy_schedule()
+        with torch.random.fork_rng(devices=[]):  # initial weights from `seed`, global RNG untouched
+            torch.manual_seed(seed)
+            self.model = ToyMLP()
+        self.data, self.schedule = GaussianMixture(), toy_schedule()
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=lr)
         self.generator = torch.Generator().manual_seed(seed)
         self.batch, self.losses = batch, []
@@ -61,8 +63,10 @@ class ShapesTrainer:
     """A small pixel-space U-Net on 16x16 shapes images."""
 
     def __init__(self, lr: float = 2e-3, batch: int = 16, seed: int = 0) -> None:
-        torch.manual_seed(seed)
-        self.model, self.schedule = _PixelUNet(), toy_schedule()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.model = _PixelUNet()
+        self.schedule = toy_schedule()
         data = ShapesDataset(SHAPES_COUNT, seed=seed, size=SHAPES_SIDE)
         self.images = torch.stack([data[i]["image"] for i in range(SHAPES_COUNT)])
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=lr)
