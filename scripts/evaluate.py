@@ -2,7 +2,7 @@
 
   evaluate.py --real DIR --fake DIR [--out results.json]        score two image folders
   evaluate.py --real DIR --ckpt CKPT --prompts FILE [--n N]      generate (seed + i per image), then score
-  evaluate.py --table ddim [--n N] [--out docs/ddim_table.json]  DDIM steps x eta table on the default model
+  evaluate.py --table ddim [--n N] [--out outputs/ddim_table.json]  DDIM steps x eta table on the default model
 
 Features: --features inception (the standard pt_inception-2015-12-05 network, weights from
 --inception-weights or $LDM_INCEPTION_WEIGHTS; nothing is downloaded) or --features shapes (a
