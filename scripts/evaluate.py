@@ -125,11 +125,16 @@ def note_sizes(extractor, *sets: list[np.ndarray]) -> None:
         print(f"note: images of {len(sizes)} sizes ({shown}): each is resized to {target}")
 
 
+def checkpoint_path(args: argparse.Namespace) -> Path:
+    """--ckpt, or the shipped model for 'default' or no flag."""
+    return DEFAULT_MODEL if args.ckpt in (None, "default") else Path(args.ckpt)
+
+
 def load_pipe(args: argparse.Namespace):
     """The model to generate with."""
     import ldm
 
-    ckpt = DEFAULT_MODEL if args.ckpt in (None, "default") else Path(args.ckpt)
+    ckpt = checkpoint_path(args)
     if not ckpt.is_file():
         raise EvalError(f"checkpoint not found: {ckpt}")
     return ldm.load_pipeline(str(ckpt))
@@ -222,8 +227,10 @@ def run_table(args: argparse.Namespace) -> None:
                         f"--n >= {extractor.dim + 1} images per cell, got {args.n}")
     options, pipe = sampling_options(args), load_pipe(args)
     start = time.perf_counter()
+    ckpt = checkpoint_path(args)
+    model_id = f"{ckpt.resolve()} ({ckpt.stat().st_size} bytes)"
     result = table(pipe, options, lambda: make_extractor(args), args.n, args.num_real, batch=args.batch,
-                   save_dir=args.save_fake)
+                   save_dir=args.save_fake, model_id=model_id)
     result["seconds"] = time.perf_counter() - start
     print(markdown(result))
     paths = write_outputs(result, args.out or "outputs/ddim_table.json")

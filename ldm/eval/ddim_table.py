@@ -54,12 +54,13 @@ def judge_accuracy(images: list[np.ndarray], triples: list[tuple[str, str, str]]
 
 
 def cell_images(pipe, options, prompts: list[str], eta: float, steps: int, batch: int,
-                folder: Path | None) -> tuple[list[np.ndarray], float]:
+                folder: Path | None, model_id: str = "") -> tuple[list[np.ndarray], float]:
     """One cell's images and generation seconds; a finished cell saved in `folder` is reused."""
     from ldm.eval.images import list_images, read_images
 
     marker = folder / "cell.json" if folder is not None else None
-    expected = {"eta": eta, "steps": steps, "prompts": prompts, "guidance_scale": options.guidance_scale}
+    expected = {"eta": eta, "steps": steps, "prompts": prompts, "guidance_scale": options.guidance_scale,
+                "model": model_id}
     if marker is not None and marker.is_file():
         saved = json.loads(marker.read_text())
         if {k: saved.get(k) for k in expected} == expected:
@@ -76,11 +77,13 @@ def cell_images(pipe, options, prompts: list[str], eta: float, steps: int, batch
 
 def run_table(pipe, options, make_extractor: Callable[[], Extractor], num_fake: int, num_real: int,
               batch: int = 32, steps: tuple[int, ...] = STEPS, etas: tuple[float, ...] = ETAS,
-              log: Callable[[str], None] = print, save_dir: str | Path | None = None) -> dict:
+              log: Callable[[str], None] = print, save_dir: str | Path | None = None,
+              model_id: str = "") -> dict:
     """Every (eta, S) cell: shapes-FID, shapes-KID, judge accuracy, seconds.
 
     All cells are generated first (and saved in save_dir/eta<eta>_S<S>, reused by a rerun), then
-    scored with the feature network `make_extractor()` returns.
+    scored with the feature network `make_extractor()` returns. `model_id` names the checkpoint,
+    so saved cells of another model are not reused.
     """
     real_images, real_triples = real_set(num_real)
     triples = real_triples[:num_fake] if num_fake <= num_real else real_set(num_fake)[1]
@@ -89,7 +92,7 @@ def run_table(pipe, options, make_extractor: Callable[[], Extractor], num_fake: 
     for s in steps:  # few steps first: a run stopped early still has the paper's left columns
         for eta in etas:
             folder = Path(save_dir) / f"eta{eta:g}_S{s}" if save_dir is not None else None
-            generated[eta, s] = cell_images(pipe, options, prompts, eta, s, batch, folder)
+            generated[eta, s] = cell_images(pipe, options, prompts, eta, s, batch, folder, model_id)
             log(f"eta {eta:<4g} S {s:<4d} generated in {generated[eta, s][1]:.0f}s")
     extractor = make_extractor()
     real_feats, _ = extract(extractor, real_images)
