@@ -13,6 +13,7 @@ from ldm.inference.encode import encode_latent
 from ldm.inference.images import decode
 
 T = 1000
+TILE = 112  # pixels per picture: six schedules fit one row of the wide column
 # DDPM's linear range, SD's scaled_linear range, improved DDPM's cosine (DESIGN.md section 3).
 SCHEDULES = {
     "linear": DiffusionConfig(num_timesteps=T, beta_schedule="linear", linear_start=1e-4,
@@ -75,8 +76,8 @@ def page() -> None:
         noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
         names = list(chosen)
         st.subheader("Pixel space")
-        st.image([to_image(noised(x0, float(s.alphas_cumprod[t]), noise)[0], 128)
-                  for s in chosen.values()], caption=names, width=128)
+        st.image([to_image(noised(x0, float(s.alphas_cumprod[t]), noise)[0], TILE)
+                  for s in chosen.values()], caption=names, width=TILE)
         if latent_view:
             latent_row(image, chosen, t, names)
         st.pyplot(schedule_plots(chosen, t))
@@ -97,4 +98,4 @@ def latent_row(image: Image.Image, chosen: dict[str, Schedule], t: int, names: l
         eps = torch.randn(z0.shape, generator=torch.Generator().manual_seed(1)).to(z0)
         batch = torch.cat([noised(z0, float(s.alphas_cumprod[t]), eps) for s in chosen.values()])
         pixels = decode(pipe, batch)
-    st.image([to_image(p, 128) for p in pixels], caption=names, width=128)
+    st.image([to_image(p, TILE) for p in pixels], caption=names, width=TILE)
