@@ -11,12 +11,8 @@ import ctypes
 import ctypes.util
 import os
 import sys
-from typing import TYPE_CHECKING
 
 import torch
-
-if TYPE_CHECKING:
-    from ldm.pipeline import Pipeline
 
 # glibc <malloc.h> parameter numbers
 _M_TRIM_THRESHOLD = -1
@@ -118,50 +114,3 @@ def setup_cpu(threads: int | None = None, allocator: bool = True,
         torch.set_num_threads(threads)
     return {"threads": torch.get_num_threads(),
             "allocator_tuned": allocator and tune_allocator(dtype=dtype)}
-
-
-def prepare_for_inference(module: torch.nn.Module, dtype: torch.dtype = torch.float32,
-                          channels_last: bool = False) -> torch.nn.Module:
-    """Frozen eval-mode network in `dtype` (bf16: weights in bf16, norms and softmax keep fp32
-    statistics inside the layers), optionally with channels_last convolution weights."""
-    module = module.eval().requires_grad_(False).to(dtype)
-    if channels_last:
-        module = module.to(memory_format=torch.channels_last)
-    return module
-
-
-def prepare_pipeline(pipe: "Pipeline", channels_last: bool = True,
-                     compile: bool = False) -> "Pipeline":
-    """Inference set-up of a loaded Pipeline's convolutional networks (in place).
-
-    channels_last: oneDNN convolutions then skip their NCHW<->blocked reorders and the U-Net's
-    token reshapes become views (docs/performance.md).
-    compile: wrap the U-Net with `compile_for_inference` (first call of each shape compiles).
-    """
-    for net in (pipe.unet, pipe.autoencoder):
-        prepare_for_inference(net, pipe.dtype, channels_last=channels_last)
-    release_free_memory()  # what loading and converting freed
-    if compile:
-        pipe.unet = compile_for_inference(pipe.unet)
-    return pipe
-
-
-def compile_for_inference(module: torch.nn.Module) -> torch.nn.Module:
-    """torch.compile (inductor) for frozen-weight inference; the fused ops have fake kernels.
-
-    `freezing` lets inductor treat the weights as constants and pre-pack them for oneDNN once,
-    instead of reordering every convolution and linear weight on every call; without it the
-    compiled U-Net is slower than eager. Compiling takes about a minute per shape for SD.
-    The compiled module must not be trained or have its weights changed afterwards, in dtype
-    either: dynamo's guards do not see an in-place `.to(torch.bfloat16)` of the module, and
-    the old graph, with its frozen fp32 weights, then fails inside oneDNN ("could not create a
-    primitive descriptor"). Convert first, then compile (as prepare_pipeline does), or call
-    torch._dynamo.reset() in between. Compiled and eager bf16 differ by about 0.7% relative
-    L2, as bf16 and fp32 do. The VAE decoder gains nothing compiled and runs once per image,
-    so pipelines compile only the U-Net (docs/performance.md).
-    """
-    # Process-wide inductor flag: options={"freezing": True} passed to torch.compile does not
-    # take effect (the unfrozen speed), so the flag is set directly.
-    import torch._inductor.config as inductor_config
-    inductor_config.freezing = True
-    return torch.compile(module, dynamic=False)

@@ -31,9 +31,9 @@ from ldm.bench import format_table, median, peak_rss_mib, reset_peak_rss, time_a
 from ldm.checkpoint import PREFIXES
 from ldm.config import ModelConfig
 from ldm.cpu import cpu_info
-from ldm.inference.setup import choose_channels_last
+from ldm.inference.setup import choose_channels_last, compile_for_inference, prepare_for_inference
 from ldm.presets import PRESETS
-from ldm.runtime import compile_for_inference, prepare_for_inference, setup_cpu, tune_allocator
+from ldm.runtime import setup_cpu, tune_allocator
 
 BATCH, TOKENS, SEED = 2, 77, 0
 
@@ -315,7 +315,7 @@ def main() -> None:
                         help="add OpenVINO as a second peer (default: when it is installed)")
     parser.add_argument("--no-allocator-tuning", dest="allocator", action="store_false")
     parser.add_argument("--compile", action="store_true",
-                        help="time ours through ldm.runtime.compile_for_inference (inductor with "
+                        help="time ours through ldm.inference.setup.compile_for_inference (inductor with "
                              "frozen weights; U-Net cases, fp32 and bf16; the first call of "
                              "each case compiles, untimed; the VAE and the memory subprocesses "
                              "stay eager)")

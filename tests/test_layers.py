@@ -7,12 +7,13 @@ from conftest import ROOT
 
 # Lower numbers are lower layers; a module may import its own layer and those below.
 LAYERS = [
-    ("ldm.errors", "ldm.prediction", "ldm._extension", "ldm.config", "ldm.cpu", "ldm.bench"),
+    ("ldm.errors", "ldm.prediction", "ldm._extension", "ldm.config", "ldm.cpu", "ldm.runtime",
+     "ldm.bench"),
     ("ldm.kernels",),
     ("ldm.diffusion",),
     ("ldm.models", "ldm.data", "ldm.sd_yaml", "ldm.presets", "ldm.checkpoint"),
     ("ldm.pipeline",),
-    ("ldm.inference", "ldm.runtime", "ldm.train", "ldm.eval"),
+    ("ldm.inference", "ldm.train", "ldm.eval"),
     ("ldm.app",),
 ]
 

@@ -7,7 +7,8 @@ import torch
 from ldm.config import AutoencoderConfig, UNetConfig
 from ldm.models.autoencoder import AutoencoderKL
 from ldm.models.unet import UNetModel
-from ldm.runtime import prepare_for_inference, release_free_memory, setup_cpu, tune_allocator
+from ldm.inference.setup import compile_for_inference, prepare_for_inference
+from ldm.runtime import release_free_memory, setup_cpu, tune_allocator
 
 from conftest import TINY_UNET as _TINY_UNET, rel_l2
 
@@ -112,7 +113,6 @@ def test_vae_attention_in_both_layouts_and_bf16() -> None:
 def test_compile_for_inference_matches_eager() -> None:
     # inductor with frozen (pre-packed) weights computes the same function as eager; the
     # fused GroupNorm+SiLU and the folded upsampling go through it.
-    from ldm.runtime import compile_for_inference
     unet = prepare_for_inference(tiny_unet(), channels_last=True)
     x, t, ctx = torch.randn(2, 4, 8, 8), torch.tensor([10.0, 500.0]), torch.randn(2, 5, 32)
     with torch.inference_mode():
@@ -124,7 +124,6 @@ def test_compile_for_inference_matches_eager() -> None:
 def test_compile_for_inference_bf16_matches_eager() -> None:
     # bf16 weights compile too (frozen oneDNN bf16 convolutions); compiled and eager bf16 are
     # both within bf16 rounding of fp32, and close to each other.
-    from ldm.runtime import compile_for_inference
     x, t, ctx = torch.randn(2, 4, 8, 8), torch.tensor([10.0, 500.0]), torch.randn(2, 5, 32)
     with torch.inference_mode():
         want = prepare_for_inference(tiny_unet(), channels_last=True)(x, t, ctx)
