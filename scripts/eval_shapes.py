@@ -7,13 +7,14 @@ three on the 8 held-out triples, and the swap rate (shape and background colours
 typical binding error of text-conditioned models); saves a grid PNG of the first repeat.
 With --classifier, images are steered toward each triple by classifier guidance
 (ldm.diffusion.classifier_guidance); with --unconditional too, the prompt is empty and only
-the classifier asks for the triple. --limit N scores N evenly spread triples.
+the classifier asks for the triple. --limit N scores a fixed random subset of N triples.
 `--dataset` runs the same classifier on the dataset's own images instead (must be 100%).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import random
 import sys
 from pathlib import Path
 
@@ -56,7 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--unconditional", action="store_true",
                    help="empty prompts without classifier-free guidance (only --classifier steers)")
     p.add_argument("--limit", type=int, default=0,
-                   help="score this many evenly spread triples (default 0: all 168)")
+                   help="score a fixed random subset of this many triples (default 0: all 168)")
     args = p.parse_args(argv)
     if args.num < 1:
         p.error("--num must be >= 1")
@@ -75,6 +76,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+LIMIT_SEED = 0      # which triples --limit keeps
 SEED_STRIDE = 1000  # repeat r starts at seed + 1000 r, so repeats never share a seed (168 < 1000)
 
 
@@ -163,8 +165,8 @@ def evaluate_model(args: argparse.Namespace) -> tuple[dict, dict, dict, list]:
         raise ValueError(f"checkpoint not found: {ckpt}")
     pipe = ldm.load_pipeline(str(ckpt), device=args.device)
     triples = all_triples()
-    if args.limit:
-        triples = [triples[k * len(triples) // args.limit] for k in range(args.limit)]
+    if args.limit:  # a fixed random subset: every colour, shape and background turns up
+        triples = sorted(random.Random(LIMIT_SEED).sample(triples, args.limit))
     batch = 1 if args.classifier else args.batch  # one triple's labels per guided batch
     truth, pred, images, preds = [], [], {}, {}
     with tqdm(total=len(triples) * args.seeds, desc="generate") as bar:
