@@ -22,6 +22,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from ldm.inference.cli import Task, UsageError, main as run_task  # noqa: E402
 
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from ldm.inference.cli import Inputs
+    from ldm.inference.sampling import Callback
+    from ldm.inference.options import SamplingOptions
+    from ldm.pipeline import Pipeline
+
 PADS = ("pad_left", "pad_right", "pad_top", "pad_bottom")
 
 

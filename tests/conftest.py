@@ -6,11 +6,15 @@ import os
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
 
 from ldm.config import AutoencoderConfig, ModelConfig, TextEncoderConfig, UNetConfig
+
+if TYPE_CHECKING:
+    from ldm.pipeline import Pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 # The reference fixtures sit beside the repository (../shared/fixtures); LDM_FIXTURES overrides.
@@ -46,6 +50,18 @@ def tiny_config(text_layers: int = 2) -> ModelConfig:
         unet=UNetConfig(model_channels=32, channel_mult=[1, 2], num_res_blocks=1,
                         attention_resolutions=[2], num_heads=2, context_dim=32),
         text_encoder=TextEncoderConfig(kind="hf_clip", arch="tiny", arch_config=text, layer="last"))
+
+
+def tiny_pipeline(seed: int = 5) -> "Pipeline":
+    """The tiny model (one text layer) with its zero-initialised output convolutions perturbed,
+    so images depend on the prompt."""
+    from ldm.pipeline import Pipeline
+    pipe = Pipeline.from_config(tiny_config(text_layers=1), seed=seed)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in pipe.unet.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=gen))
+    return pipe
 
 
 def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:

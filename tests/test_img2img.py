@@ -7,21 +7,16 @@ import torch
 from PIL import Image
 
 import ldm
-from conftest import load_script, tiny_config
+from conftest import load_script, tiny_pipeline
 from ldm.errors import SamplingError
 from ldm.inference import SamplingOptions, img2img, task_steps
 from ldm.inference.img2img import resolve_for_image
 from ldm.diffusion.samplers import SAMPLERS
-from ldm.pipeline import Pipeline
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    pipe = Pipeline.from_config(tiny_config(text_layers=1), seed=5)
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # undo the zero-init of output convs so images depend on the prompt
-        for p in pipe.unet.parameters():
-            p.add_(0.02 * torch.randn(p.shape, generator=gen))
+    pipe = tiny_pipeline()
     folder = tmp_path_factory.mktemp("model")
     pipe.save(folder / "tiny.safetensors")
     picture = Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8))

@@ -7,21 +7,16 @@ import torch
 from PIL import Image
 
 import ldm
-from conftest import FIXTURES, load_script, tiny_config
+from conftest import FIXTURES, load_script, tiny_pipeline
 from ldm.errors import SamplingError
 from ldm.inference import SamplingOptions, inpaint, outpaint
 from ldm.inference.inpaint import blend_hook
 from ldm.inference.masks import binarise, latent_mask, mask_tensor, pad_canvas
-from ldm.pipeline import Pipeline
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    pipe = Pipeline.from_config(tiny_config(text_layers=1), seed=5)
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # undo the zero-init of output convs so images depend on the prompt
-        for p in pipe.unet.parameters():
-            p.add_(0.02 * torch.randn(p.shape, generator=gen))
+    pipe = tiny_pipeline()
     folder = tmp_path_factory.mktemp("model")
     pipe.save(folder / "tiny.safetensors")
     rng = np.random.default_rng(0)

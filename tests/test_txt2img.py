@@ -13,25 +13,15 @@ import ldm
 from ldm.errors import SamplingError
 from ldm.inference import SamplingOptions, resolve, txt2img
 from ldm.inference.options import DEFAULT_TILE
-from ldm.pipeline import Pipeline
-from conftest import load_script, tiny_config as _tiny_config
+from conftest import load_script, tiny_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "txt2img.py"
 
 
-def tiny_config():
-    """The shared tiny model with a one-layer text tower."""
-    return _tiny_config(text_layers=1)
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    pipe = Pipeline.from_config(tiny_config(), seed=5)
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # undo the zero-init of output convs so images depend on the prompt
-        for p in pipe.unet.parameters():
-            p.add_(0.02 * torch.randn(p.shape, generator=gen))
+    pipe = tiny_pipeline()
     path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
     pipe.save(path)
     return ldm.load_pipeline(path), path

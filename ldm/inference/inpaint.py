@@ -26,8 +26,7 @@ from ldm.inference.img2img import resolve_for_image, stochastic_encode
 from ldm.inference.masks import (binarise, check_same_size, latent_mask, mask_tensor,
                                  nearest_latent_mask, pad_canvas)
 from ldm.inference.options import SamplingOptions
-from ldm.inference.sampling import (Callback, edit_start, encode_prompts, latent_channels,
-                                     sample)
+from ldm.inference.sampling import Callback, edit_start, encode_prompts, sample
 
 if TYPE_CHECKING:
     from ldm.pipeline import Pipeline
@@ -101,7 +100,7 @@ def inpaint(pipe: "Pipeline", options: SamplingOptions, image: Image.Image, mask
                               generator=generators)
     else:
         factor = pipe.downsampling_factor
-        shape = (count, latent_channels(pipe), height // factor, width // factor)
+        shape = (count, pipe.latent_channels, height // factor, width // factor)
         x = x_T if x_T is not None else randn(shape, generators, pipe.device, pipe.dtype)
     hook = None
     if kind == "crossattn":

@@ -29,12 +29,6 @@ if TYPE_CHECKING:
 Callback = Callable[[int, Tensor, Tensor], None]  # (step, x after the step, denoised estimate)
 
 
-def latent_channels(pipe: "Pipeline") -> int:
-    """Channels of the latent being denoised (the autoencoder's; an inpainting or upscaling
-    U-Net takes more input channels, the conditioning concatenated to the latent)."""
-    return pipe.config.autoencoder.embed_dim
-
-
 def run_steps(pipe: "Pipeline", options: SamplingOptions) -> int:
     """Steps (and callbacks) of a whole run of options' sampler: SD's uniform DDIM spacing
     visits more than options.steps when they do not divide the training steps."""
@@ -76,7 +70,7 @@ def make_denoiser(pipe: "Pipeline", context: Tensor, uncond_context: Tensor | No
         from ldm.models.classifier import guide_with_classifier
         denoiser = guide_with_classifier(denoiser, pipe.schedule, options.classifier,
                                          options.classifier_labels, options.classifier_scale,
-                                         pipe.device, latent_channels(pipe))
+                                         pipe.device, pipe.latent_channels)
     return denoiser
 
 
@@ -93,7 +87,7 @@ def sample(pipe: "Pipeline", context: Tensor, uncond_context: Tensor | None, x_T
     noise: optional [run steps, *x_T.shape] per-step noise of stochastic samplers (else drawn
     from `generator`); callback after every step.
     """
-    channels = latent_channels(pipe)
+    channels = pipe.latent_channels
     if x_T.ndim != 4 or x_T.shape[1] != channels:
         raise SamplingError(f"x_T must be [B, {channels}, h, w], got {list(x_T.shape)}")
     if context.shape[0] != x_T.shape[0]:
@@ -123,6 +117,6 @@ def start_noise(pipe: "Pipeline", options: SamplingOptions) -> tuple[Tensor, lis
     on every device."""
     generators = seeded_generators(options.seed, options.num_images)
     factor = pipe.downsampling_factor
-    shape = (options.num_images, latent_channels(pipe), options.height // factor,
+    shape = (options.num_images, pipe.latent_channels, options.height // factor,
              options.width // factor)
     return randn(shape, generators, pipe.device, pipe.dtype), generators

@@ -23,7 +23,7 @@ from ldm.inference.conditioning import concat_unet, require_conditioning
 from ldm.inference.encode import resize_to, to_pixels
 from ldm.inference.images import latents_to_images
 from ldm.inference.options import SamplingOptions, resolve
-from ldm.inference.sampling import Callback, encode_prompts, latent_channels, sample
+from ldm.inference.sampling import Callback, encode_prompts, sample
 
 if TYPE_CHECKING:
     from ldm.pipeline import Pipeline
@@ -78,7 +78,7 @@ def upscale(pipe: "Pipeline", options: SamplingOptions, low_res: Image.Image, *,
     x_aug = augment(pipe, pixels, options.noise_level, aug_noise)
     labels = torch.full((count,), options.noise_level, dtype=torch.long)
     if x_T is None:
-        x_T = randn((count, latent_channels(pipe), h, w), generators, pipe.device, pipe.dtype)
+        x_T = randn((count, pipe.latent_channels, h, w), generators, pipe.device, pipe.dtype)
     context, uncond = encode_prompts(pipe, options)
     latents = sample(pipe, context, uncond, x_T, options,
                      unet=concat_unet(pipe.unet, x_aug.to(pipe.device, pipe.dtype), labels),
