@@ -53,10 +53,11 @@ def test_bench_kernels_cold_cache_rotates_inputs():
     row = next(line for line in run.stdout.splitlines() if line.startswith("| 2x32x4x4 |"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     values = [float(c.rstrip("%")) for c in cells[3:]]
-    # times are printed in ms to 2 decimals, so a ~5 us forward may show as 0.00: only the
-    # ratios and bandwidths (fwd x, fused GB/s, copy GB/s, bwd x) must be positive
+    # times print in ms and bandwidths in GB/s to fixed decimals, so a ~5 us call on a busy
+    # machine may show 0.00 ms or 0.0 GB/s for a 4 KB tensor: only the ratios (fwd x, bwd x),
+    # time over time, must be positive
     assert len(cells) == 12 and all(v >= 0 for v in values)
-    assert all(values[i] > 0 for i in (2, 3, 4, 8))
+    assert values[2] > 0 and values[8] > 0
 
 
 def test_pool_size_fills_the_cold_budget():

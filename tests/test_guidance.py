@@ -39,13 +39,14 @@ def explicit_guided(unet, x, t, c, uc, scale):
 def test_guided_sampling_equals_explicit_combination(name):
     c, uc = contexts()
     x = torch.randn(2, 4, 6, 6, generator=torch.Generator().manual_seed(1))
-    noise = torch.randn(6, *x.shape, generator=torch.Generator().manual_seed(2))
+    # 5 divides the 1000 training steps, so SD's uniform spacing visits exactly 5 timesteps
+    noise = torch.randn(5, *x.shape, generator=torch.Generator().manual_seed(2))
     unet = ToyUNet()
-    fused = sample(name, classifier_free_guidance(unet, c, uc, 4.0), x, SCHEDULE, 6, noise=noise)
+    fused = sample(name, classifier_free_guidance(unet, c, uc, 4.0), x, SCHEDULE, 5, noise=noise)
     assert set(unet.batches) == {4}  # one batched forward of [uncond; cond] per evaluation
     from ldm.diffusion.denoiser import Denoiser
     plain = Denoiser(lambda x, t: explicit_guided(ToyUNet(), x, t, c, uc, 4.0))
-    ref = sample(name, plain, x, SCHEDULE, 6, noise=noise)
+    ref = sample(name, plain, x, SCHEDULE, 5, noise=noise)
     assert torch.allclose(fused, ref, atol=1e-5, rtol=1e-5)
 
 

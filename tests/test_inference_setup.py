@@ -69,10 +69,22 @@ def test_load_pipeline_gives_frozen_networks_in_the_measured_format(tmp_path) ->
     assert pipe.dtype == (torch.bfloat16 if cpu_info().native_bf16 else torch.float32)
     assert not pipe.unet.training and not any(p.requires_grad for p in pipe.unet.parameters())
     stored = json.loads((autotune.cache_dir() / autotune.CACHE_FILE).read_text())
-    (choice,) = [v for k, v in stored.items() if k.startswith("channels_last|unet 32x[1, 2] in 4")]
+    dtype = str(pipe.dtype).removeprefix("torch.")
+    key = (f"channels_last|unet 32x[1, 2] in 4 ctx 32 side 16 {dtype} "
+           f"threads {torch.get_num_threads()}|")
+    (choice,) = [v for k, v in stored.items() if k.startswith(key)]
     conv = pipe.unet.input_blocks[0][0].weight
     assert conv.is_contiguous(memory_format=torch.channels_last) == (choice == "on")
     raw = ldm.load_pipeline(path, dtype="fp32", prepare=False)
     assert raw.dtype == torch.float32
     with pytest.raises(ValueError, match="precision"):
         ldm.load_pipeline(path, dtype="fp8")
+
+
+def test_prepare_for_inference_converts_both_ways() -> None:
+    from ldm.inference.setup import prepare_for_inference
+    conv = torch.nn.Conv2d(4, 8, 3)
+    prepare_for_inference(conv, channels_last=True)
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    prepare_for_inference(conv, channels_last=False)
+    assert conv.weight.is_contiguous() and not conv.weight.is_contiguous(memory_format=torch.channels_last)

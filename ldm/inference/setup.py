@@ -32,11 +32,11 @@ def default_precision(device: str | torch.device) -> str:
 def prepare_for_inference(module: torch.nn.Module, dtype: torch.dtype = torch.float32,
                           channels_last: bool = False) -> torch.nn.Module:
     """Frozen eval-mode network in `dtype` (bf16: weights in bf16, norms and softmax keep fp32
-    statistics inside the layers), optionally with channels_last convolution weights."""
+    statistics inside the layers), with channels_last or plain (NCHW) convolution weights:
+    either way explicitly, so a module prepared before in the other format is converted back."""
     module = module.eval().requires_grad_(False).to(dtype)
-    if channels_last:
-        module = module.to(memory_format=torch.channels_last)
-    return module
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    return module.to(memory_format=layout)
 
 
 def compile_for_inference(module: torch.nn.Module) -> torch.nn.Module:
