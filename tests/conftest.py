@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING
@@ -22,13 +24,17 @@ FIXTURES = Path(os.environ.get("LDM_FIXTURES", ROOT.parent / "shared" / "fixture
 
 
 
-@pytest.fixture(autouse=True, scope="session")
-def _private_autotune_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
-    """Measured decisions (ldm.inference.autotune) go to a folder of the test run, not the
+def pytest_configure(config: pytest.Config) -> None:
+    """Measured decisions (ldm.inference.autotune) go to a folder of this test run, not the
     user's cache, for this process and the scripts it starts."""
-    saved = os.environ.get("XDG_CACHE_HOME")
-    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("cache"))
-    yield
+    config._ldm_saved_cache = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="ldm-test-cache-")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """The caller's cache setting again, and the run's folder removed."""
+    shutil.rmtree(os.environ.get("XDG_CACHE_HOME", ""), ignore_errors=True)
+    saved = getattr(config, "_ldm_saved_cache", None)
     if saved is None:
         os.environ.pop("XDG_CACHE_HOME", None)
     else:
