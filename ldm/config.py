@@ -86,6 +86,12 @@ class DiffusionConfig:
     prediction_type: str = "eps"            # "eps" | "v" | "x0"
     learned_variance: bool = False
     scale_factor: float = 0.18215           # latent scale (own VAEs: 1/std of first batch)
+    # Timestep grid of the DDIM / DDPM / PLMS samplers: SD's "uniform", or "trailing" for
+    # progressively distilled students (trained on that grid, ldm.train.distill).
+    timestep_spacing: str = "uniform"
+    # Classifier-free guidance scale trained into the network by distillation (0: none, the
+    # sampler guides); such a model runs one conditional pass per step.
+    distilled_guidance: float = 0.0
 
 
 @dataclass

@@ -31,7 +31,8 @@ from ldm.bench import format_table, median, peak_rss_mib, reset_peak_rss, time_a
 from ldm.checkpoint import PREFIXES
 from ldm.config import ModelConfig
 from ldm.cpu import cpu_info
-from ldm.inference.setup import choose_channels_last, compile_for_inference, prepare_for_inference
+from ldm.inference.setup import (choose_channels_last, choose_prepacked, compile_for_inference,
+                                 prepare_for_inference)
 from ldm.presets import PRESETS
 from ldm.runtime import setup_cpu, tune_allocator
 
@@ -167,6 +168,8 @@ def measure_memory(side: str, case: Case, opts: argparse.Namespace) -> float:
            "--threads", str(opts.threads)]
     if opts.channels_last is not None:
         cmd.append("--channels-last" if opts.channels_last else "--no-channels-last")
+    if opts.prepacked is not None:
+        cmd.append("--prepacked" if opts.prepacked else "--no-prepacked")
     if not opts.autotune:
         cmd.append("--no-autotune")
     if side == "peer" or not opts.allocator:  # the peer as its users run it: default glibc
@@ -183,8 +186,7 @@ def memory_child(spec: str, opts: argparse.Namespace) -> None:
     config = PRESETS["sd2"]()
     if side == "ours":
         model, dtype = build_ours(net, config), precision_dtype(precision)
-        model = prepare_for_inference(model, dtype,
-                                      channels_last=channels_last(model, net, config, dtype, opts))
+        model = prepare_for_inference(model, dtype, **layout(model, net, config, dtype, opts))
         fn = call_ours(model, case, inputs(case, config.unet.context_dim))
     else:
         fn = call_peer(build_peer(net, config, None), case, inputs(case, config.unet.context_dim))
@@ -212,8 +214,8 @@ def run_cases(cases: list[Case], opts: argparse.Namespace) -> list[list[object]]
             continue
         ours = build_ours(net, config)
         peer = build_peer(net, config, ours)
-        layout = channels_last(ours, net, config, torch.float32, opts)
-        ours = prepare_for_inference(ours, torch.float32, channels_last=layout)
+        ours = prepare_for_inference(ours, torch.float32,
+                                     **layout(ours, net, config, torch.float32, opts))
         converted: dict[int, object] = {}  # OpenVINO model per latent size, compiled per precision
         refs: dict[int, Tensor] = {}  # our fp32 output per latent size: the bf16 reference
         with torch.inference_mode():
@@ -221,9 +223,11 @@ def run_cases(cases: list[Case], opts: argparse.Namespace) -> list[list[object]]
                 if case.precision == "bf16" and case.latent not in refs:
                     refs[case.latent] = call_ours(ours, case, inputs(case, config.unet.context_dim))()
         for precision in ("fp32", "bf16"):
+            if not any(c.precision == precision for c in net_cases):
+                continue  # no such cases: no conversion, no layout measurement (minutes at SD size)
             if precision == "bf16":
-                layout = channels_last(ours, net, config, torch.bfloat16, opts)
-                ours = prepare_for_inference(ours, torch.bfloat16, channels_last=layout)
+                ours = prepare_for_inference(ours, torch.bfloat16,
+                                             **layout(ours, net, config, torch.bfloat16, opts))
             for case in (c for c in net_cases if c.precision == precision):
                 ov_call = None
                 if opts.openvino:
@@ -241,18 +245,24 @@ def run_cases(cases: list[Case], opts: argparse.Namespace) -> list[list[object]]
     return rows
 
 
-def channels_last(ours: nn.Module, net: str, config: ModelConfig, dtype: torch.dtype,
-                  opts: argparse.Namespace) -> bool:
-    """--channels-last when given, else the U-Net's format as load_pipeline decides it (measured
-    once per machine at SD's native 64x64 latent); the VAE follows the U-Net's choice made in
-    the same run (channels_last when there was none, e.g. in a memory subprocess)."""
-    if opts.channels_last is not None:
-        return opts.channels_last
-    if net == "unet":
-        opts.decided = getattr(opts, "decided", {})
-        opts.decided[dtype] = choose_channels_last(ours, config.unet, dtype, 64,
+def layout(ours: nn.Module, net: str, config: ModelConfig, dtype: torch.dtype,
+           opts: argparse.Namespace) -> dict[str, bool]:
+    """prepare_for_inference's channels_last and prepacked: --channels-last / --prepacked when
+    given, else what ldm.load_pipeline decides for the U-Net on this machine (measured once at
+    SD's native 64x64 latent); the VAE follows the U-Net's decisions made in the same run
+    (channels_last, unpacked when there were none, e.g. in a memory subprocess)."""
+    decided = vars(opts).setdefault("decided", {})
+    if net == "unet" and dtype not in decided:
+        channels = opts.channels_last
+        if channels is None:
+            channels = choose_channels_last(ours, config.unet, dtype, 64, autotune=opts.autotune)
+        packed = opts.prepacked
+        if packed is None:
+            packed = channels and choose_prepacked(ours, config.unet, dtype, 64,
                                                    autotune=opts.autotune)
-    return getattr(opts, "decided", {}).get(dtype, True)
+        decided[dtype] = {"channels_last": channels, "prepacked": packed}
+    return decided.get(dtype, {"channels_last": opts.channels_last in (None, True),
+                               "prepacked": bool(opts.prepacked)})
 
 
 def run_case(case: Case, ours: nn.Module, ref: Tensor | None, peer: nn.Module,
@@ -308,8 +318,11 @@ def main() -> None:
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                         help="force ours into (or out of) channels_last; default: the format "
                              "ldm.load_pipeline measures on this machine")
+    parser.add_argument("--prepacked", action=argparse.BooleanOptionalAction, default=None,
+                        help="force ours to use (or not) oneDNN-packed convolution weights; "
+                             "default: what ldm.load_pipeline measures on this machine")
     parser.add_argument("--no-autotune", dest="autotune", action="store_false",
-                        help="no measured memory format: channels_last, as with txt2img's flag")
+                        help="no measured layout: channels_last, unpacked, as with txt2img's flag")
     parser.add_argument("--openvino", action=argparse.BooleanOptionalAction,
                         default=openvino_peer.available(),
                         help="add OpenVINO as a second peer (default: when it is installed)")

@@ -4,8 +4,9 @@ Renders shapes images, encodes them once with the model's VAE and their captions
 text encoder, then runs ldm.train.distill: each round halves the DDIM steps (teacher 64 ->
 student 32 -> ... -> 4), the first teacher guided at a fixed classifier-free guidance scale
 (Meng et al. 2023), so the students need no unconditional pass. After every round the student
-is written as a full v-prediction checkpoint, out/student-<N>steps.safetensors, to be sampled
-with N DDIM steps on the trailing grid (ldm.diffusion.samplers.sample_ddim(spacing="trailing")).
+is written as a full checkpoint, out/student-<N>steps.safetensors, whose config makes txt2img
+sample it as trained (v-prediction, the trailing timestep grid, the guidance distilled in):
+`scripts/txt2img.py --ckpt out/student-4steps.safetensors --steps 4`.
 
     python scripts/distill.py --out runs/distill --iterations 2000
     python scripts/distill.py --out runs/distill --resume runs/distill      (continue exactly)
@@ -60,13 +61,17 @@ def encode_data(pipe, count: int, seed: int, batch: int = 200) -> tuple[torch.Te
     return torch.cat(latents).clone(), torch.cat(contexts).clone()
 
 
-def exporter(pipe, out: Path):
-    """on_round_end: the student as a full v-prediction checkpoint beside the run."""
+def exporter(pipe, out: Path, guidance_scale: float):
+    """on_round_end: the student as a full checkpoint beside the run, its config saying how to
+    sample it: v-prediction, the trailing timestep grid it was trained on, the guidance scale
+    distilled into it (txt2img then runs one conditional pass per step)."""
     from ldm.pipeline import Pipeline
 
     def export(steps: int, student: torch.nn.Module) -> None:
         config = copy.deepcopy(pipe.config)
         config.diffusion.prediction_type = "v"
+        config.diffusion.timestep_spacing = "trailing"
+        config.diffusion.distilled_guidance = guidance_scale if guidance_scale != 1 else 0.0
         path = out / f"student-{steps}steps.safetensors"
         Pipeline(pipe.autoencoder, copy.deepcopy(student).eval(), pipe.text_encoder, config).save(path)
         print(f"round done: {path}", flush=True)
@@ -100,7 +105,7 @@ def run(args: argparse.Namespace) -> None:
     out = Path(args.out)
     distiller = Distiller(pipe.unet, pipe.schedule, parse_prediction_type(pipe.config.diffusion.prediction_type),
                           uncond, data, config, out, resume=args.resume,
-                          on_round_end=exporter(pipe, out))
+                          on_round_end=exporter(pipe, out, args.guidance_scale))
     held = latents[:64], contexts[:64]
     window: list[float] = []
     start = time.perf_counter()

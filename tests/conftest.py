@@ -63,11 +63,18 @@ def tiny_pipeline(seed: int = 5) -> "Pipeline":
     so images depend on the prompt."""
     from ldm.pipeline import Pipeline
     pipe = Pipeline.from_config(tiny_config(text_layers=1), seed=seed)
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in pipe.unet.parameters():
-            p.add_(0.02 * torch.randn(p.shape, generator=gen))
+    perturb(pipe.unet, 0.02)
     return pipe
+
+
+def perturb(module: torch.nn.Module, scale: float, seed: int = 0) -> torch.nn.Module:
+    """Every parameter plus scaled Gaussian noise (in place): undoes SD's zero-initialised
+    output convolutions, so outputs depend on every layer."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=gen))
+    return module
 
 
 def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:

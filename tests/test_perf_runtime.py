@@ -10,7 +10,7 @@ from ldm.models.unet import UNetModel
 from ldm.inference.setup import compile_for_inference, prepare_for_inference
 from ldm.runtime import release_free_memory, setup_cpu, tune_allocator
 
-from conftest import TINY_UNET as _TINY_UNET, rel_l2
+from conftest import TINY_UNET as _TINY_UNET, perturb, rel_l2
 
 TINY_UNET = UNetConfig(**{**_TINY_UNET.__dict__, "context_dim": 32,
                           "use_linear_in_transformer": True})
@@ -18,11 +18,7 @@ TINY_UNET = UNetConfig(**{**_TINY_UNET.__dict__, "context_dim": 32,
 
 def tiny_unet() -> UNetModel:
     torch.manual_seed(0)
-    unet = UNetModel(TINY_UNET)
-    with torch.no_grad():  # undo SD's zero-init so the output depends on every layer
-        for p in unet.parameters():
-            p.add_(0.05 * torch.randn(p.shape))
-    return unet
+    return perturb(UNetModel(TINY_UNET), 0.05)
 
 
 def test_setup_cpu_sets_threads() -> None:

@@ -30,7 +30,7 @@ from ldm.diffusion.denoiser import Denoiser
 from ldm.diffusion.noise import Generators, randn
 from ldm.diffusion.schedule import Schedule
 from ldm.diffusion.tables import to_device
-from ldm.diffusion.timesteps import check_steps, sampling_sigmas, spaced_timesteps
+from ldm.diffusion.timesteps import SPACINGS, check_steps, sampling_sigmas, spaced_timesteps
 from ldm.kernels.sampler_step import (COEFF_A, COEFF_NOISE, COEFF_PREV, COEFF_S, COEFF_X,
                                       sampler_step)
 from ldm.prediction import PredictionType, eps_from_x0
@@ -291,42 +291,59 @@ def get_sampler(name: str) -> SamplerFn:
     return SAMPLERS[name]
 
 
+def check_spacing(name: str, spacing: str) -> None:
+    """Timestep spacings other than SD's uniform grid apply to the timestep samplers only."""
+    if spacing not in SPACINGS:
+        raise ValueError(f"unknown timestep spacing {spacing!r}; allowed: {', '.join(SPACINGS)}")
+    if spacing != "uniform" and name in SIGMA_SAMPLERS:
+        raise ValueError(f"sampler {name!r} walks its own sigmas; timestep spacing {spacing!r} "
+                         f"needs a timestep sampler ({', '.join(n for n in SAMPLERS if n not in SIGMA_SAMPLERS)})")
+
+
 def sample(name: str, denoiser: Denoiser, x: Tensor, schedule: Schedule, steps: int, *,
            eta: float | None = None, start: int | None = None, hook: Hook | None = None,
            noise: Tensor | None = None, generator: Generators = None,
-           callback: Callback | None = None) -> Tensor:
+           callback: Callback | None = None, spacing: str = "uniform") -> Tensor:
     """Run sampler `name` from x (the start noise x_T, or with `start` a latent at that plan
-    index's level) for `steps` steps; returns the final latent."""
+    index's level) for `steps` steps; returns the final latent. spacing: the timestep grid of
+    the timestep samplers (ldm.diffusion.timesteps.spaced_timesteps)."""
     fn = get_sampler(name)
     check_steps(steps, schedule.num_timesteps)
+    check_spacing(name, spacing)
     kwargs = {} if eta is None else {"eta": eta}
+    if spacing != "uniform":
+        kwargs["spacing"] = spacing
     return fn(denoiser, x, schedule, steps, start=start, hook=hook, noise=noise,
               generator=generator, callback=callback, **kwargs)
 
 
-def visited_timesteps(name: str, schedule: Schedule, steps: int) -> Tensor:
+def visited_timesteps(name: str, schedule: Schedule, steps: int,
+                      spacing: str = "uniform") -> Tensor:
     """The timesteps registered sampler `name` visits for `steps`, highest first (float for
     sigma samplers). Its length is the number of steps and callbacks of a whole run (PLMS
     evaluates the network once more, on its first step)."""
     get_sampler(name)
     check_steps(steps, schedule.num_timesteps)
+    check_spacing(name, spacing)
     if name in SIGMA_SAMPLERS:
         return sampling_sigmas(schedule, steps, SIGMA_SAMPLERS[name])[0]
-    return spaced_timesteps(schedule.num_timesteps, steps)
+    return spaced_timesteps(schedule.num_timesteps, steps, spacing)
 
 
-def step_levels(name: str, schedule: Schedule, steps: int) -> tuple[Tensor, Tensor]:
+def step_levels(name: str, schedule: Schedule, steps: int,
+                spacing: str = "uniform") -> tuple[Tensor, Tensor]:
     """(a, s) [n + 1] float64 with x = a x0 + s eps the latent's level before each of the n
     visited steps; entry n is the clean end (1, 0)."""
     if name in SIGMA_SAMPLERS:
         sigmas = sampling_sigmas(schedule, steps, SIGMA_SAMPLERS[name])[1]
         return vp_from_sigma(sigmas)  # sigma ends in 0: (1, 0)
-    abar = schedule.alphas_cumprod[visited_timesteps(name, schedule, steps)]
+    abar = schedule.alphas_cumprod[visited_timesteps(name, schedule, steps, spacing)]
     one, zero = abar.new_ones(1), abar.new_zeros(1)
     return torch.cat([abar.sqrt(), one]), torch.cat([(1 - abar).sqrt(), zero])
 
 
-def encode_level(name: str, schedule: Schedule, steps: int, start: int) -> tuple[float, float]:
+def encode_level(name: str, schedule: Schedule, steps: int, start: int,
+                 spacing: str = "uniform") -> tuple[float, float]:
     """(a, s) to noise a clean latent to, a x0 + s eps, before running the plan from `start`.
 
     Timestep samplers follow SD's img2img: stochastic_encode noises to ddim_alphas[t_enc], one
@@ -334,7 +351,7 @@ def encode_level(name: str, schedule: Schedule, steps: int, start: int) -> tuple
     whole plan (start 0) starts at its first level. Sigma samplers start exactly at their first
     sigma, as k-diffusion img2img does.
     """
-    a, s = step_levels(name, schedule, steps)
+    a, s = step_levels(name, schedule, steps, spacing)
     index = run_from(len(a) - 1, start)
     if name not in SIGMA_SAMPLERS and index > 0:
         index -= 1

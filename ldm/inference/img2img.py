@@ -35,7 +35,8 @@ def stochastic_encode(pipe: "Pipeline", latent: Tensor, options: SamplingOptions
                       noise: Tensor | None = None, generator: Generators = None) -> Tensor:
     """a * latent + s * noise at the level a run from plan index `start` begins with
     (DDIMSampler.stochastic_encode for DDIM; noise [B, C, h, w] given or drawn)."""
-    a, s = encode_level(options.sampler, pipe.schedule, options.steps, start)
+    a, s = encode_level(options.sampler, pipe.schedule, options.steps, start,
+                        pipe.config.diffusion.timestep_spacing)
     if noise is None:
         noise = randn(latent.shape, generator, latent.device, torch.float32)
     elif noise.shape != latent.shape:

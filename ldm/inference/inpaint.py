@@ -104,8 +104,8 @@ def inpaint(pipe: "Pipeline", options: SamplingOptions, image: Image.Image, mask
         x = x_T if x_T is not None else randn(shape, generators, pipe.device, pipe.dtype)
     hook = None
     if kind == "crossattn":
-        levels = tuple(v[start or 0:] for v in step_levels(options.sampler, pipe.schedule,
-                                                           options.steps))
+        levels = tuple(v[start or 0:] for v in step_levels(
+            options.sampler, pipe.schedule, options.steps, pipe.config.diffusion.timestep_spacing))
         if blend_noise is None:
             blend_noise = torch.stack([randn(original.shape, generators, original.device,
                                              torch.float32) for _ in range(len(levels[0]) - 1)])

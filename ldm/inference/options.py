@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
-from ldm.diffusion.samplers import SAMPLERS, STOCHASTIC_SAMPLERS
+from ldm.diffusion.samplers import SAMPLERS, STOCHASTIC_SAMPLERS, check_spacing
 from ldm.errors import SamplingError
 
 if TYPE_CHECKING:
@@ -195,6 +195,21 @@ def resolve(options: SamplingOptions, pipe: "Pipeline") -> SamplingOptions:
     if options.steps > pipe.schedule.num_timesteps:
         raise SamplingError(f"steps must be an integer in 1..{pipe.schedule.num_timesteps} "
                             f"(the training steps), got {options.steps}")
+    diffusion = pipe.config.diffusion
+    try:
+        check_spacing(options.sampler, diffusion.timestep_spacing)
+    except ValueError as err:
+        raise SamplingError(f"this model samples on the {diffusion.timestep_spacing!r} timestep "
+                            f"grid: {err}") from None
+    guidance = options.guidance_scale
+    if diffusion.distilled_guidance:
+        # The network already returns the guided prediction: one conditional pass per step.
+        # Its own scale (or 1, as PNGs of such runs record it) is the only one it can give.
+        if guidance not in (1, diffusion.distilled_guidance):
+            raise SamplingError(f"this model has classifier-free guidance "
+                                f"{diffusion.distilled_guidance:g} distilled in; guidance scale "
+                                f"must be {diffusion.distilled_guidance:g} (or 1), got {guidance:g}")
+        guidance = 1.0
     tile = options.vae_tile
     if tile is None:
         tile = DEFAULT_TILE if max(height, width) // factor > AUTO_TILE_ABOVE else 0
@@ -202,4 +217,4 @@ def resolve(options: SamplingOptions, pipe: "Pipeline") -> SamplingOptions:
         raise SamplingError(f"image {width}x{height} is too large for one-pass VAE work "
                             f"(vae_tile 0): at most {MAX_ONE_PASS_LATENT_PIXELS} latent pixels; "
                             f"use tiles, e.g. vae_tile {DEFAULT_TILE}")
-    return replace(options, height=height, width=width, vae_tile=tile)
+    return replace(options, height=height, width=width, vae_tile=tile, guidance_scale=guidance)

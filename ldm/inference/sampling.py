@@ -32,7 +32,8 @@ Callback = Callable[[int, Tensor, Tensor], None]  # (step, x after the step, den
 def run_steps(pipe: "Pipeline", options: SamplingOptions) -> int:
     """Steps (and callbacks) of a whole run of options' sampler: SD's uniform DDIM spacing
     visits more than options.steps when they do not divide the training steps."""
-    return len(visited_timesteps(options.sampler, pipe.schedule, options.steps))
+    return len(visited_timesteps(options.sampler, pipe.schedule, options.steps,
+                                 pipe.config.diffusion.timestep_spacing))
 
 
 def edit_start(pipe: "Pipeline", options: SamplingOptions, strength: float) -> int:
@@ -97,7 +98,8 @@ def sample(pipe: "Pipeline", context: Tensor, uncond_context: Tensor | None, x_T
         try:
             return run_sampler(options.sampler, denoiser, x_T.to(pipe.device, pipe.dtype),
                                pipe.schedule, options.steps, eta=options.eta, start=start,
-                               hook=hook, noise=noise, generator=generator, callback=callback)
+                               hook=hook, noise=noise, generator=generator, callback=callback,
+                               spacing=pipe.config.diffusion.timestep_spacing)
         except ValueError as err:  # argument problems found by the sampler (noise shape, ...)
             raise SamplingError(str(err)) from None
 

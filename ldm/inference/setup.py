@@ -3,10 +3,12 @@
 `load_pipeline` is what `ldm.load_pipeline` and the scripts use, so Python callers get the same
 fast path as the command line: the precision picked for the device (bf16 where the CPU does bf16
 arithmetic natively, see ldm.cpu), frozen eval-mode networks, and the convolution memory format
-that measured faster on this machine (ldm.inference.autotune).
+and weight packing (ldm.models.prepacked) that measured faster on this machine
+(ldm.inference.autotune).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -15,6 +17,8 @@ from ldm.config import ModelConfig, UNetConfig
 from ldm.cpu import cpu_info
 from ldm.inference.autotune import decide
 from ldm.inference.options import default_image_size
+from ldm.models.prepacked import available as prepacking_available
+from ldm.models.prepacked import set_prepacked
 from ldm.pipeline import Pipeline
 from ldm.runtime import release_free_memory
 
@@ -30,12 +34,15 @@ def default_precision(device: str | torch.device) -> str:
 
 
 def prepare_for_inference(module: torch.nn.Module, dtype: torch.dtype = torch.float32,
-                          channels_last: bool = False) -> torch.nn.Module:
+                          channels_last: bool = False, prepacked: bool = False) -> torch.nn.Module:
     """Frozen eval-mode network in `dtype` (bf16: weights in bf16, norms and softmax keep fp32
     statistics inside the layers), with channels_last or plain (NCHW) convolution weights:
-    either way explicitly, so a module prepared before in the other format is converted back."""
+    either way explicitly, so a module prepared before in the other format is converted back.
+    prepacked: convolutions keep a oneDNN-packed weight (ldm.models.prepacked; channels_last
+    only, where the packed path applies), set or unset explicitly too."""
     module = module.eval().requires_grad_(False).to(dtype)
     layout = torch.channels_last if channels_last else torch.contiguous_format
+    set_prepacked(module, prepacked and channels_last)
     return module.to(memory_format=layout)
 
 
@@ -60,6 +67,30 @@ def compile_for_inference(module: torch.nn.Module) -> torch.nn.Module:
     return torch.compile(module, dynamic=False)
 
 
+def unet_call(unet: torch.nn.Module, config: UNetConfig, dtype: torch.dtype, latent_side: int,
+              device: str | torch.device = "cpu") -> Callable[[], object]:
+    """One inference call of `unet` on a CFG-sized batch of 2 at `latent_side`: what the
+    layout decisions time."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, config.in_channels, latent_side, latent_side, generator=generator)
+    context = torch.randn(2, 77, config.context_dim, generator=generator)
+    x, context = x.to(device, dtype), context.to(device, dtype)
+    t = torch.full((2,), 500, device=device)
+    extra = {"y": torch.zeros(2, dtype=torch.long)} if getattr(config, "num_classes", None) else {}
+
+    def run() -> None:
+        with torch.inference_mode():
+            unet(x, t, context, **extra)
+    return run
+
+
+def decision_key(config: UNetConfig, dtype: torch.dtype, latent_side: int) -> str:
+    """What a layout decision depends on besides the CPU: U-Net width, input, dtype, threads."""
+    return (f"unet {config.model_channels}x{config.channel_mult} in {config.in_channels} "
+            f"ctx {config.context_dim} side {latent_side} {str(dtype).removeprefix('torch.')} "
+            f"threads {torch.get_num_threads()}")
+
+
 def choose_channels_last(unet: torch.nn.Module, config: UNetConfig, dtype: torch.dtype,
                          latent_side: int, device: str | torch.device = "cpu",
                          autotune: bool = True) -> bool:
@@ -70,37 +101,56 @@ def choose_channels_last(unet: torch.nn.Module, config: UNetConfig, dtype: torch
     batch of 2 at `latent_side` (the module is left in the format timed last)."""
     if torch.device(device).type != "cpu":
         return True
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(2, config.in_channels, latent_side, latent_side, generator=generator)
-    context = torch.randn(2, 77, config.context_dim, generator=generator)
-    x, context = x.to(device, dtype), context.to(device, dtype)
-    t = torch.full((2,), 500, device=device)
-    extra = {"y": torch.zeros(2, dtype=torch.long)} if getattr(config, "num_classes", None) else {}
+    call = unet_call(unet, config, dtype, latent_side, device)
 
-    def timed(channels_last: bool):
+    def timed(channels_last: bool) -> Callable[[], None]:
         def run() -> None:
             prepare_for_inference(unet, dtype, channels_last=channels_last)
-            with torch.inference_mode():
-                unet(x, t, context, **extra)
+            call()
         return run
-    key = (f"unet {config.model_channels}x{config.channel_mult} in {config.in_channels} "
-           f"ctx {config.context_dim} side {latent_side} {str(dtype).removeprefix('torch.')} "
-           f"threads {torch.get_num_threads()}")
-    choice = decide("channels_last", key, {"on": timed(True), "off": timed(False)},
-                    default="on", enabled=autotune)
+    choice = decide("channels_last", decision_key(config, dtype, latent_side),
+                    {"on": timed(True), "off": timed(False)}, default="on", enabled=autotune)
+    return choice == "on"
+
+
+def choose_prepacked(unet: torch.nn.Module, config: UNetConfig, dtype: torch.dtype,
+                     latent_side: int, device: str | torch.device = "cpu",
+                     autotune: bool = True) -> bool:
+    """oneDNN-packed convolution weights or not (channels_last only), measured once per CPU,
+    U-Net width and dtype like the memory format; off without autotuning, off the CPU and
+    where this PyTorch lacks the ops. The module is left channels_last, packed as decided."""
+    if torch.device(device).type != "cpu" or not prepacking_available():
+        return False
+    call = unet_call(unet, config, dtype, latent_side, device)
+    prepare_for_inference(unet, dtype, channels_last=True)
+
+    def timed(prepacked: bool) -> Callable[[], None]:
+        def run() -> None:
+            # Packed copies survive switching off here, so only the warm-up call packs (as a
+            # user's first call does, once).
+            set_prepacked(unet, prepacked, drop=False)
+            call()
+        return run
+    choice = decide("prepacked", decision_key(config, dtype, latent_side),
+                    {"on": timed(True), "off": timed(False)}, default="off", enabled=autotune)
+    set_prepacked(unet, choice == "on")
     return choice == "on"
 
 
 def prepare_pipeline(pipe: Pipeline, channels_last: bool | None = None, compile: bool = False,
-                     autotune: bool = True) -> Pipeline:
-    """Frozen eval-mode networks in the pipeline's dtype (in place); channels_last None decides
-    per machine (choose_channels_last); compile wraps the U-Net (compile_for_inference)."""
+                     autotune: bool = True, prepacked: bool | None = None) -> Pipeline:
+    """Frozen eval-mode networks in the pipeline's dtype (in place); channels_last and
+    prepacked None decide per machine (choose_channels_last, choose_prepacked; the VAE follows
+    the U-Net's decisions); compile wraps the U-Net (compile_for_inference)."""
+    side = default_image_size(pipe) // pipe.downsampling_factor
     if channels_last is None:
-        side = default_image_size(pipe) // pipe.downsampling_factor
         channels_last = choose_channels_last(pipe.unet, pipe.config.unet, pipe.dtype, side,
                                              pipe.device, autotune)
+    if prepacked is None:
+        prepacked = channels_last and choose_prepacked(pipe.unet, pipe.config.unet, pipe.dtype,
+                                                       side, pipe.device, autotune)
     for net in (pipe.unet, pipe.autoencoder):
-        prepare_for_inference(net, pipe.dtype, channels_last=channels_last)
+        prepare_for_inference(net, pipe.dtype, channels_last=channels_last, prepacked=prepacked)
     release_free_memory()  # what loading and converting freed
     if compile:
         pipe.unet = compile_for_inference(pipe.unet)

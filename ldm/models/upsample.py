@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ldm.models.prepacked import PackedWeight, can_pack, packed_conv2d, weight_key
+
 # _FOLD[a][tap][row]: which of the 3x3 kernel's rows phase a adds into its 2-row tap.
 _FOLD = ((1.0, 0.0, 0.0), (0.0, 1.0, 1.0)), ((1.0, 1.0, 0.0), (0.0, 0.0, 1.0))
 
@@ -35,8 +37,10 @@ def is_channels_last(x: Tensor) -> bool:
         and not x.is_contiguous()
 
 
-def upsample_conv(x: Tensor, kernels: Tensor, bias: Tensor | None) -> Tensor:
-    """conv3x3(nearest_upsample_2x(x)) from the phase kernels (see the module docstring).
+def upsample_conv(x: Tensor, kernels: Tensor, bias: Tensor | None,
+                  packed: Tensor | None = None) -> Tensor:
+    """conv3x3(nearest_upsample_2x(x)) from the phase kernels (see the module docstring),
+    or from their oneDNN-packed copy (ldm.models.prepacked) when given.
 
     The output keeps x's memory format (channels_last or contiguous).
     """
@@ -44,8 +48,12 @@ def upsample_conv(x: Tensor, kernels: Tensor, bias: Tensor | None) -> Tensor:
     c_out = kernels.shape[0] // 4
     channels_last = is_channels_last(x)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    phases = F.conv2d(F.pad(x, (1, 1, 1, 1)), kernels.contiguous(memory_format=fmt),
-                      None if bias is None else bias.repeat(4))  # (N, 4 C_out, H + 1, W + 1)
+    bias4 = None if bias is None else bias.repeat(4)
+    if packed is not None:
+        phases = packed_conv2d(x, packed, bias4, (1, 1), (1, 1), (1, 1), 1)
+    else:
+        phases = F.conv2d(F.pad(x, (1, 1, 1, 1)), kernels.contiguous(memory_format=fmt),
+                          bias4)  # (N, 4 C_out, H + 1, W + 1)
     y = torch.empty((n, c_out, 2 * h, 2 * w), dtype=phases.dtype, device=x.device,
                     memory_format=fmt)
     # y viewed as (N, C, H, a, W, b) so each phase is one strided copy.
@@ -62,14 +70,18 @@ class Upsample(nn.Module):
     """Nearest 2x upsampling then a 3x3 convolution (key `conv`; U-Net and VAE alike).
 
     Computed by `upsample_conv`; a target size other than 2x (given to forward) takes the
-    direct form, nearest interpolation to that size then the convolution. Without gradients the folded kernels are cached and refolded
-    when the weight changes (in-place update, dtype, device or memory-format change).
+    direct form, nearest interpolation to that size then the convolution. Without gradients
+    the folded kernels are cached and refolded when the weight changes (in-place update, dtype,
+    device or memory-format change); with `prepacked` set (ldm.models.prepacked.set_prepacked)
+    they are also packed for oneDNN once.
     """
 
     def __init__(self, channels: int) -> None:
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
         self._folded: tuple[tuple, Tensor] | None = None
+        self.prepacked = False
+        self.packed_kernels = PackedWeight()
 
     def _kernels(self, channels_last: bool) -> Tensor:
         weight = self.conv.weight
@@ -89,7 +101,13 @@ class Upsample(nn.Module):
     def forward(self, x: Tensor, size: tuple[int, int] | None = None) -> Tensor:
         """Upsample to `size` (default: 2x) with nearest neighbours, then convolve."""
         if size is None or tuple(size) == (2 * x.shape[-2], 2 * x.shape[-1]):
-            return upsample_conv(x, self._kernels(is_channels_last(x)), self.conv.bias)
+            kernels = self._kernels(is_channels_last(x))
+            # Only cached kernels are packed: those refolded on every call (inference-tensor
+            # weights) could reuse a freed kernel's address and hit a stale packed copy.
+            cached = weight_key(self.conv.weight) is not None
+            packed = (self.packed_kernels.get(kernels, x, (1, 1), (1, 1), (1, 1), 1)
+                      if self.prepacked and cached and can_pack(x, self.conv.weight) else None)
+            return upsample_conv(x, kernels, self.conv.bias, packed)
         # Any other size (the U-Net's odd skips: 2h - 1 rows) changes the phases at the far
         # border, where the 3x3 window meets zero padding instead of a repeated row; the
         # direct form is exact there and such sizes are rare.

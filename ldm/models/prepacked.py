@@ -1,0 +1,154 @@
+"""Convolutions whose CPU inference calls use a oneDNN weight packed once, not on every call.
+
+Eager `F.conv2d` on the CPU hands oneDNN the weight in PyTorch's plain layout, and oneDNN
+reorders it into its blocked layout on every call: for the SD U-Net that is gigabytes of
+weight traffic per step. PyTorch exposes the two halves inductor's freezing pass uses,
+`mkldnn::_reorder_convolution_weight` (pack once) and `mkldnn::_convolution_pointwise`
+(convolve with a packed weight); here they are used from eager code. Measured on an AVX2-only
+AMD EPYC (Zen 3), fp32, channels_last: the SD 2.1-base U-Net at 32x32 latents in 0.88x the time
+(docs/performance.md); whether it pays is measured per machine (ldm.inference.setup).
+
+The packed path is taken only where it gives the same result as the plain one: CPU,
+no autograd, channels_last input in the weight's dtype, zero padding. Anything else (training,
+CUDA, NCHW activations, a CPU without oneDNN's bf16 convolutions) runs the plain convolution.
+Packed copies are rebuilt when the weight changes (in-place update, dtype, device, memory
+format); each costs one more copy of the convolution weights in memory (one per input shape,
+at most two shapes).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+_WeightKey = tuple[int, int, torch.dtype]
+
+
+def available() -> bool:
+    """True when this PyTorch has oneDNN's packed-weight convolution ops."""
+    return (torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_reorder_convolution_weight")
+            and hasattr(torch.ops.mkldnn, "_convolution_pointwise"))
+
+
+def weight_key(weight: Tensor) -> _WeightKey | None:
+    """What identifies a weight's values, or None when an in-place update could not be seen
+    (inference tensors have no version counter)."""
+    if weight.is_inference():
+        return None
+    return weight.data_ptr(), weight._version, weight.dtype
+
+
+def can_pack(x: Tensor, weight: Tensor) -> bool:
+    """Whether a call may use a packed weight (see the module docstring)."""
+    return (x.device.type == "cpu" and x.dim() == 4 and x.dtype == weight.dtype
+            and x.dtype in (torch.float32, torch.bfloat16)
+            and not (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad))
+            and not torch.compiler.is_compiling()
+            and x.is_contiguous(memory_format=torch.channels_last))
+
+
+def pack(weight: Tensor, x: Tensor, padding: Sequence[int], stride: Sequence[int],
+         dilation: Sequence[int], groups: int) -> Tensor | None:
+    """The weight in oneDNN's layout for inputs like x, or None where oneDNN has no such
+    convolution (bf16 on a CPU without avx512bw/vl/dq or avx_ne_convert)."""
+    try:
+        return torch.ops.mkldnn._reorder_convolution_weight(
+            weight.detach(), list(padding), list(stride), list(dilation), groups, list(x.shape))
+    except RuntimeError:
+        return None
+
+
+def packed_conv2d(x: Tensor, packed: Tensor, bias: Tensor | None, padding: Sequence[int],
+                  stride: Sequence[int], dilation: Sequence[int], groups: int) -> Tensor:
+    """conv2d with a weight from `pack`; the output is channels_last, as the input."""
+    return torch.ops.mkldnn._convolution_pointwise(
+        x, packed, bias, list(padding), list(stride), list(dilation), groups, "none", [], "")
+
+
+class PackedWeight:
+    """Packed copies of one weight, per input shape (oneDNN's blocked weight layout depends on
+    the input's size: a copy packed for 64x64 inputs is reordered again on every 32x32 call),
+    the last MAX_SHAPES shapes kept; all rebuilt when the weight's values change."""
+
+    MAX_SHAPES = 2
+
+    def __init__(self) -> None:
+        self._key: _WeightKey | None = None
+        self._packed: dict[tuple[int, ...], Tensor] = {}
+        self.unsupported = False
+
+    def get(self, weight: Tensor, x: Tensor, padding: Sequence[int], stride: Sequence[int],
+            dilation: Sequence[int], groups: int) -> Tensor | None:
+        key = weight_key(weight)
+        if key is None or self.unsupported:
+            return None
+        if key != self._key:
+            self._key, self._packed = key, {}
+        shape = tuple(x.shape)
+        packed = self._packed.pop(shape, None)  # re-inserted last: most recently used
+        if packed is None:
+            packed = pack(weight, x, padding, stride, dilation, groups)
+            if packed is None:
+                self.unsupported = True
+                return None
+            while len(self._packed) >= self.MAX_SHAPES:
+                self._packed.pop(next(iter(self._packed)))
+        self._packed[shape] = packed
+        return packed
+
+    @property
+    def shapes(self) -> list[tuple[int, ...]]:
+        """Input shapes with a packed copy, least recently used first."""
+        return list(self._packed)
+
+    def clear(self) -> None:
+        self._key, self._packed, self.unsupported = None, {}, False
+
+
+class PrepackedConv2d(nn.Conv2d):
+    """nn.Conv2d (same parameters and state-dict keys) whose eligible calls use a packed
+    weight. Modules become one through `set_prepacked` (a class swap, so models keep
+    building plain nn.Conv2d and checkpoints never see the difference)."""
+
+    packed_weight: PackedWeight
+
+    def forward(self, x: Tensor) -> Tensor:
+        if (self.padding_mode == "zeros" and not isinstance(self.padding, str)
+                and can_pack(x, self.weight)):
+            packed = self.packed_weight.get(self.weight, x, self.padding, self.stride,
+                                            self.dilation, self.groups)
+            if packed is not None:
+                return packed_conv2d(x, packed, self.bias, self.padding, self.stride,
+                                     self.dilation, self.groups)
+        return super().forward(x)
+
+
+def set_prepacked(module: nn.Module, enabled: bool, drop: bool = True) -> int:
+    """Turn every plain nn.Conv2d in `module` into a PrepackedConv2d (enabled) or back, and
+    tell modules with their own packed kernels (`prepacked` and `packed_kernels` attributes,
+    e.g. the folded upsampling) to use them or not; returns how many modules changed.
+
+    Packed copies already made are kept when enabling (they are rebuilt only if their weight
+    changed) and dropped when disabling, unless `drop` is False (so a measurement can switch
+    back and forth without packing on every call)."""
+    enabled = enabled and available()
+    changed = 0
+    for sub in module.modules():
+        if isinstance(getattr(sub, "packed_kernels", None), PackedWeight):
+            sub.prepacked = enabled
+            if not enabled and drop:
+                sub.packed_kernels.clear()
+            changed += 1
+        if enabled and type(sub) is nn.Conv2d:
+            sub.__class__ = PrepackedConv2d
+            if not isinstance(getattr(sub, "packed_weight", None), PackedWeight):
+                sub.packed_weight = PackedWeight()
+            changed += 1
+        elif not enabled and type(sub) is PrepackedConv2d:
+            sub.__class__ = nn.Conv2d
+            if drop:
+                del sub.packed_weight
+            changed += 1
+    return changed
