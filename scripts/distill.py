@@ -10,6 +10,8 @@ sample it as trained (v-prediction, the trailing timestep grid, the guidance dis
 
     python scripts/distill.py --out runs/distill --iterations 2000
     python scripts/distill.py --out runs/distill --resume runs/distill      (continue exactly)
+    python scripts/distill.py --out runs/distill --export runs/distill/checkpoints/step-0001000
+        (the student of an unfinished round, as out/student-<N>steps-step<S>.safetensors)
 """
 from __future__ import annotations
 
@@ -44,6 +46,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--checkpoint-every", type=int, default=250, help="default 250 steps")
     p.add_argument("--log-every", type=int, default=50, help="default 50 steps")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--export", default=None, metavar="CHECKPOINT_DIR",
+                   help="write the student of this training checkpoint (e.g. of a round stopped "
+                        "early) and exit; --ckpt must be the run's teacher")
     return p.parse_args(argv)
 
 
@@ -61,7 +66,7 @@ def encode_data(pipe, count: int, seed: int, batch: int = 200) -> tuple[torch.Te
     return torch.cat(latents).clone(), torch.cat(contexts).clone()
 
 
-def exporter(pipe, out: Path, guidance_scale: float):
+def exporter(pipe, out: Path, guidance_scale: float, suffix: str = ""):
     """on_round_end: the student as a full checkpoint beside the run, its config saying how to
     sample it: v-prediction, the trailing timestep grid it was trained on, the guidance scale
     distilled into it (txt2img then runs one conditional pass per step)."""
@@ -72,10 +77,32 @@ def exporter(pipe, out: Path, guidance_scale: float):
         config.diffusion.prediction_type = "v"
         config.diffusion.timestep_spacing = "trailing"
         config.diffusion.distilled_guidance = guidance_scale if guidance_scale != 1 else 0.0
-        path = out / f"student-{steps}steps.safetensors"
+        path = out / f"student-{steps}steps{suffix}.safetensors"
         Pipeline(pipe.autoencoder, copy.deepcopy(student).eval(), pipe.text_encoder, config).save(path)
-        print(f"round done: {path}", flush=True)
+        print(f"wrote {path}", flush=True)
     return export
+
+
+def export_checkpoint(args: argparse.Namespace) -> None:
+    """The student of a training checkpoint, for the steps of the round it was in."""
+    import ldm
+    from ldm.train.distill import DistillConfig
+    from ldm.train.state import load_state
+    directory = Path(args.export)
+    weights, trainer = load_state(directory)
+    config = DistillConfig(**trainer["distill_config"])
+    step = int(trainer["step"])
+    rounds = config.student_steps()
+    steps = rounds[min(max(step - 1, 0) // config.iterations, len(rounds) - 1)]
+    pipe = ldm.load_pipeline(args.ckpt, device="cpu", dtype="fp32", prepare=False)
+    student = {k.removeprefix("student."): v for k, v in weights.items() if k.startswith("student.")}
+    try:
+        pipe.unet.load_state_dict(student, strict=True)
+    except RuntimeError as err:
+        raise ValueError(f"{directory} does not fit {args.ckpt} ({str(err)[:200]})") from None
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    exporter(pipe, out, config.guidance_scale, suffix=f"-step{step}")(steps, pipe.unet)
 
 
 def run(args: argparse.Namespace) -> None:
@@ -135,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     from ldm.errors import LdmError
     try:
-        run(args)
+        export_checkpoint(args) if args.export else run(args)
     except (LdmError, ValueError, OSError, FloatingPointError) as err:
         print(f"error: {str(err).splitlines()[0]}", file=sys.stderr)
         return 2
