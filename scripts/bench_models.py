@@ -31,8 +31,7 @@ from ldm.bench import format_table, median, peak_rss_mib, reset_peak_rss, time_a
 from ldm.checkpoint import PREFIXES
 from ldm.config import ModelConfig
 from ldm.cpu import cpu_info
-from ldm.inference.setup import (choose_channels_last, choose_prepacked, compile_for_inference,
-                                 prepare_for_inference)
+from ldm.inference.setup import choose_layout, compile_for_inference, prepare_for_inference
 from ldm.presets import PRESETS
 from ldm.runtime import setup_cpu, tune_allocator
 
@@ -253,14 +252,8 @@ def layout(ours: nn.Module, net: str, config: ModelConfig, dtype: torch.dtype,
     (channels_last, unpacked when there were none, e.g. in a memory subprocess)."""
     decided = vars(opts).setdefault("decided", {})
     if net == "unet" and dtype not in decided:
-        channels = opts.channels_last
-        if channels is None:
-            channels = choose_channels_last(ours, config.unet, dtype, 64, autotune=opts.autotune)
-        packed = opts.prepacked
-        if packed is None:
-            packed = channels and choose_prepacked(ours, config.unet, dtype, 64,
-                                                   autotune=opts.autotune)
-        decided[dtype] = {"channels_last": channels, "prepacked": packed}
+        decided[dtype] = choose_layout(ours, config.unet, dtype, 64, autotune=opts.autotune,
+                                       channels_last=opts.channels_last, prepacked=opts.prepacked)
     return decided.get(dtype, {"channels_last": opts.channels_last in (None, True),
                                "prepacked": bool(opts.prepacked)})
 

@@ -137,20 +137,30 @@ def choose_prepacked(unet: torch.nn.Module, config: UNetConfig, dtype: torch.dty
     return choice == "on"
 
 
+def choose_layout(unet: torch.nn.Module, config: UNetConfig, dtype: torch.dtype,
+                  latent_side: int, device: str | torch.device = "cpu", autotune: bool = True,
+                  channels_last: bool | None = None,
+                  prepacked: bool | None = None) -> dict[str, bool]:
+    """prepare_for_inference's channels_last and prepacked: the given values, the others
+    decided per machine (packing is only measured for channels_last)."""
+    if channels_last is None:
+        channels_last = choose_channels_last(unet, config, dtype, latent_side, device, autotune)
+    if prepacked is None:
+        prepacked = channels_last and choose_prepacked(unet, config, dtype, latent_side, device,
+                                                       autotune)
+    return {"channels_last": channels_last, "prepacked": prepacked}
+
+
 def prepare_pipeline(pipe: Pipeline, channels_last: bool | None = None, compile: bool = False,
                      autotune: bool = True, prepacked: bool | None = None) -> Pipeline:
     """Frozen eval-mode networks in the pipeline's dtype (in place); channels_last and
     prepacked None decide per machine (choose_channels_last, choose_prepacked; the VAE follows
     the U-Net's decisions); compile wraps the U-Net (compile_for_inference)."""
     side = default_image_size(pipe) // pipe.downsampling_factor
-    if channels_last is None:
-        channels_last = choose_channels_last(pipe.unet, pipe.config.unet, pipe.dtype, side,
-                                             pipe.device, autotune)
-    if prepacked is None:
-        prepacked = channels_last and choose_prepacked(pipe.unet, pipe.config.unet, pipe.dtype,
-                                                       side, pipe.device, autotune)
+    layout = choose_layout(pipe.unet, pipe.config.unet, pipe.dtype, side, pipe.device, autotune,
+                           channels_last, prepacked)
     for net in (pipe.unet, pipe.autoencoder):
-        prepare_for_inference(net, pipe.dtype, channels_last=channels_last, prepacked=prepacked)
+        prepare_for_inference(net, pipe.dtype, **layout)
     release_free_memory()  # what loading and converting freed
     if compile:
         pipe.unet = compile_for_inference(pipe.unet)
