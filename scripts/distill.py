@@ -39,6 +39,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--iterations", type=int, default=1000, help="optimizer steps per round (default 1000)")
     p.add_argument("--batch", type=int, default=32, help="batch size (default 32)")
     p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (default 1e-4)")
+    p.add_argument("--lr-decay", default="linear", choices=("linear", "constant"),
+                   help="learning rate within a round: linear to 0 (default) or constant")
     p.add_argument("--guidance-scale", type=float, default=7.5,
                    help="classifier-free guidance distilled into the students (default 7.5, as txt2img)")
     p.add_argument("--images", type=int, default=4000, help="rendered training images (default 4000)")
@@ -112,6 +114,7 @@ def run(args: argparse.Namespace) -> None:
     from ldm.train.distill import DistillConfig, Distiller
     config = DistillConfig(teacher_steps=args.teacher_steps, final_steps=args.final_steps,
                            iterations=args.iterations, batch_size=args.batch, lr=args.lr,
+                           lr_decay=args.lr_decay,
                            guidance_scale=args.guidance_scale, seed=args.seed,
                            checkpoint_every=args.checkpoint_every)
     if not Path(args.ckpt).is_file():

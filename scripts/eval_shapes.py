@@ -25,7 +25,8 @@ from PIL import Image, ImageDraw  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from ldm.data.shapes import (  # noqa: E402
-    COLORS, HELD_OUT_TRIPLES, SHAPES, ShapesDataset, Triple, all_triples, caption, render,
+    CAPTION_TEMPLATES, COLORS, HELD_OUT_TRIPLES, SHAPES, ShapesDataset, Triple, all_triples,
+    caption, render,
 )
 from ldm.data.shapes_classifier import classify  # noqa: E402
 
@@ -58,7 +59,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="empty prompts without classifier-free guidance (only --classifier steers)")
     p.add_argument("--limit", type=int, default=0,
                    help="score a fixed random subset of this many triples (default 0: all 168)")
+    p.add_argument("--pairs", default="",
+                   help="only the triples whose shape and background colours are one of these "
+                        "unordered pairs, comma-separated (e.g. green-blue,green-black): a "
+                        "binding probe on the pairs a model confuses (default: all)")
+    p.add_argument("--template", type=int, default=0, choices=range(len(CAPTION_TEMPLATES)),
+                   metavar="K", help="caption wording: template K of ldm.data.shapes."
+                   "CAPTION_TEMPLATES (default 0, the canonical 'a {color} {shape} on a "
+                   "{background} background'; 4 names the background first)")
     args = p.parse_args(argv)
+    try:
+        args.pairs = parse_pairs(args.pairs)
+    except ValueError as err:
+        p.error(str(err))
     if args.num < 1:
         p.error("--num must be >= 1")
     if args.size < 16:
@@ -74,6 +87,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.classifier_scale < 0:
         p.error("--classifier-scale must be >= 0")
     return args
+
+
+def parse_pairs(text: str) -> list[tuple[str, str]]:
+    """'green-blue,green-black' -> [(black, green), (blue, green)]: unordered pairs as sorted
+    tuples, sorted (empty text: no filter)."""
+    pairs = set()
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        colours = item.split("-")
+        if len(colours) != 2 or colours[0] == colours[1] or not set(colours) <= set(COLORS):
+            raise ValueError(f"--pairs: {item!r} is not two different colours a-b "
+                             f"from {', '.join(COLORS)}")
+        pairs.add(tuple(sorted(colours)))
+    return sorted(pairs)
 
 
 LIMIT_SEED = 0      # which triples --limit keeps
@@ -167,6 +193,11 @@ def evaluate_model(args: argparse.Namespace) -> tuple[dict, dict, dict, list]:
     triples = all_triples()
     if args.limit:  # a fixed random subset: every colour, shape and background turns up
         triples = sorted(random.Random(LIMIT_SEED).sample(triples, args.limit))
+    if args.pairs:
+        pairs = set(args.pairs)
+        triples = [t for t in triples if tuple(sorted((t[0], t[2]))) in pairs]
+        if not triples:
+            raise ValueError("--pairs and --limit leave no triple to score")
     batch = 1 if args.classifier else args.batch  # one triple's labels per guided batch
     truth, pred, images, preds = [], [], {}, {}
     with tqdm(total=len(triples) * args.seeds, desc="generate") as bar:
@@ -175,8 +206,8 @@ def evaluate_model(args: argparse.Namespace) -> tuple[dict, dict, dict, list]:
                 chunk = triples[start:start + batch]
                 first_seed = args.seed + start + SEED_STRIDE * repeat
                 guided = chunk[0] if args.classifier else None
-                for triple, pixels in zip(chunk, generate_images(pipe, [caption(t) for t in chunk],
-                                                                  first_seed, args, guided)):
+                prompts = [caption(t, args.template) for t in chunk]
+                for triple, pixels in zip(chunk, generate_images(pipe, prompts, first_seed, args, guided)):
                     got = classify(pixels).triple
                     truth.append(triple)
                     pred.append(got)

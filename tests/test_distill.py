@@ -59,9 +59,18 @@ def _distiller(tmp_path, resume=None, **overrides):
 def test_config_checks_and_rounds():
     assert DistillConfig(teacher_steps=64, final_steps=4).student_steps() == [32, 16, 8, 4]
     for bad in (dict(teacher_steps=48, final_steps=4), dict(teacher_steps=4, final_steps=4),
-                dict(iterations=0)):
+                dict(iterations=0), dict(lr_decay="cosine")):
         with pytest.raises(ValueError):
             DistillConfig(**bad)
+
+
+def test_learning_rate_falls_to_zero_within_each_round(tmp_path):
+    d = _distiller(tmp_path, iterations=4, checkpoint_every=100, lr=1e-2)
+    seen = []
+    d.fit(report=lambda step, loss: seen.append(d.optimizer.param_groups[0]["lr"]))
+    assert seen == pytest.approx([1e-2, 7.5e-3, 5e-3, 2.5e-3] * 2)
+    flat = DistillConfig(teacher_steps=8, final_steps=2, iterations=4, lr=1e-2, lr_decay="constant")
+    assert [flat.lr_at(k) for k in range(4)] == [1e-2] * 4
 
 
 @pytest.mark.parametrize("steps", [1, 2, 4, 16, 32, 250])

@@ -69,17 +69,22 @@ def _fake_generate(broken_shape: str | None, calls: list):
     return generate
 
 
-@pytest.mark.parametrize("broken", [None, "triangle"])
-def test_generation_loop(tmp_path, monkeypatch, broken):
+def _stub_checkpoint(tmp_path, monkeypatch) -> str:
+    """A checkpoint path whose 'pipeline' is never used (generate_images is replaced)."""
     import ldm
-
-    ev = _load_script()
-    calls: list = []
-    monkeypatch.setattr(ev, "generate_images", _fake_generate(broken, calls))
     monkeypatch.setattr(ldm, "load_pipeline", lambda path, **kw: object(), raising=False)
     ckpt = tmp_path / "model.safetensors"
     ckpt.write_bytes(b"stub")
-    assert ev.main(["--ckpt", str(ckpt), "--seed", "100", "--batch", "50", "--outdir", str(tmp_path / "out")]) == 0
+    return str(ckpt)
+
+
+@pytest.mark.parametrize("broken", [None, "triangle"])
+def test_generation_loop(tmp_path, monkeypatch, broken):
+    ev = _load_script()
+    calls: list = []
+    monkeypatch.setattr(ev, "generate_images", _fake_generate(broken, calls))
+    ckpt = _stub_checkpoint(tmp_path, monkeypatch)
+    assert ev.main(["--ckpt", ckpt, "--seed", "100", "--batch", "50", "--outdir", str(tmp_path / "out")]) == 0
     prompts = [p for batch, _ in calls for p in batch]
     assert len(prompts) == 3 * 168 and len(set(prompts)) == 168   # three seeds per triple by default
     # fixed seeds: seed + index + 1000 * repeat, so the three repeats never share a seed
@@ -105,15 +110,11 @@ def test_generation_loop(tmp_path, monkeypatch, broken):
 
 
 def test_one_seed_is_one_image_per_triple(tmp_path, monkeypatch):
-    import ldm
-
     ev = _load_script()
     calls: list = []
     monkeypatch.setattr(ev, "generate_images", _fake_generate(None, calls))
-    monkeypatch.setattr(ldm, "load_pipeline", lambda path, **kw: object(), raising=False)
-    ckpt = tmp_path / "model.safetensors"
-    ckpt.write_bytes(b"stub")
-    assert ev.main(["--ckpt", str(ckpt), "--seeds", "1", "--batch", "84",
+    ckpt = _stub_checkpoint(tmp_path, monkeypatch)
+    assert ev.main(["--ckpt", ckpt, "--seeds", "1", "--batch", "84",
                     "--outdir", str(tmp_path / "out")]) == 0
     assert [first for _, first in calls] == [0, 84]
 
@@ -149,8 +150,6 @@ def test_missing_checkpoint_is_one_line(tmp_path):
 
 
 def test_classifier_mode_guides_each_triple_alone(tmp_path, monkeypatch):
-    import ldm
-
     ev = _load_script()
     calls: list = []
     fake = _fake_generate(None, calls)
@@ -160,11 +159,45 @@ def test_classifier_mode_guides_each_triple_alone(tmp_path, monkeypatch):
         guided.append(triple)
         return fake(pipe, prompts, first_seed, args, triple)
     monkeypatch.setattr(ev, "generate_images", generate)
-    monkeypatch.setattr(ldm, "load_pipeline", lambda path, **kw: object(), raising=False)
-    ckpt = tmp_path / "model.safetensors"
-    ckpt.write_bytes(b"stub")
-    assert ev.main(["--ckpt", str(ckpt), "--seeds", "2", "--limit", "12", "--classifier", "c.st",
+    ckpt = _stub_checkpoint(tmp_path, monkeypatch)
+    assert ev.main(["--ckpt", ckpt, "--seeds", "2", "--limit", "12", "--classifier", "c.st",
                     "--outdir", str(tmp_path / "out")]) == 0
     assert len(calls) == 24 and all(len(batch) == 1 for batch, _ in calls)
     assert [tuple(caption.split()[i] for i in (1, 2, 5)) for (caption,), _ in calls] == guided
     assert len(set(guided)) == 12
+
+
+def test_pairs_keep_the_confusable_triples_in_both_orders(tmp_path, monkeypatch):
+    ev = _load_script()
+    calls: list = []
+    monkeypatch.setattr(ev, "generate_images", _fake_generate(None, calls))
+    ckpt = _stub_checkpoint(tmp_path, monkeypatch)
+    assert ev.main(["--ckpt", ckpt, "--seeds", "2", "--pairs", "green-blue, black-green",
+                    "--outdir", str(tmp_path / "out")]) == 0
+    triples = {tuple(p.split()[i] for i in (1, 2, 5)) for batch, _ in calls for p in batch}
+    expected = {(a, s, b) for a, b in [("green", "blue"), ("blue", "green"), ("green", "black"),
+                                       ("black", "green")] for s in SHAPES}
+    assert triples == expected
+    summary = json.loads((tmp_path / "out" / "results.json").read_text())["summary"]
+    assert summary["count"] == 2 * 12
+
+
+@pytest.mark.parametrize("bad", ["green-green", "green", "green-teal", "red-blue-green"])
+def test_bad_pairs_are_one_line(bad):
+    out = subprocess.run([sys.executable, str(SCRIPT), "--pairs", bad], capture_output=True,
+                         text=True, cwd=ROOT)
+    assert out.returncode != 0 and "--pairs" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_template_words_the_prompts(tmp_path, monkeypatch):
+    ev = _load_script()
+    prompts: list = []
+
+    def generate(pipe, batch, first_seed, args, triple=None):
+        prompts.extend(batch)
+        return [np.zeros((args.size, args.size, 3), np.uint8)] * len(batch)
+    monkeypatch.setattr(ev, "generate_images", generate)
+    ckpt = _stub_checkpoint(tmp_path, monkeypatch)
+    assert ev.main(["--ckpt", ckpt, "--seeds", "1", "--pairs", "red-blue", "--template", "4",
+                    "--outdir", str(tmp_path / "out")]) == 0
+    assert "a blue background with a red circle" in prompts and len(prompts) == 6

@@ -40,6 +40,9 @@ DataFn = Callable[[torch.Generator, int], tuple[Tensor, Tensor]]
 RoundEnd = Callable[[int, nn.Module], None]  # (student steps, student) at the end of a round
 
 
+LR_DECAYS = ("linear", "constant")
+
+
 @dataclass
 class DistillConfig:
     """A progressive distillation run; guidance_scale is the first teacher's fixed CFG scale."""
@@ -49,6 +52,9 @@ class DistillConfig:
     batch_size: int = 32
     lr: float = 1e-4
     guidance_scale: float = 1.0
+    # "linear": the learning rate falls from lr to 0 within each round, so the student handed to
+    # the next round (and shipped) is a settled one, not a point on a noisy constant-rate path.
+    lr_decay: str = "linear"
     seed: int = 0
     checkpoint_every: int = 250
     keep_checkpoints: int = 2
@@ -64,6 +70,14 @@ class DistillConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.lr > 0 or not self.guidance_scale >= 0:
             raise ValueError("need lr > 0 and guidance_scale >= 0")
+        if self.lr_decay not in LR_DECAYS:
+            raise ValueError(f"lr_decay must be one of {', '.join(LR_DECAYS)}, got {self.lr_decay!r}")
+
+    def lr_at(self, k: int) -> float:
+        """The learning rate of step k (0-based) of a round."""
+        if self.lr_decay == "linear":
+            return self.lr * (1.0 - k / self.iterations)
+        return self.lr
 
     def student_steps(self) -> list[int]:
         """The student's steps per round: teacher_steps / 2, / 4, ..., final_steps."""
@@ -120,7 +134,10 @@ class Distiller:
 
     def _load(self, directory: Path) -> None:
         weights, trainer = load_state(directory)
-        if trainer.get("distill_config") != asdict(self.config):
+        saved = trainer.get("distill_config")
+        if saved is not None:  # runs written before lr_decay existed trained at a constant rate
+            saved = {"lr_decay": "constant", **saved}
+        if saved != asdict(self.config):
             raise ResumeError(f"{directory} was written by a run with another distillation config")
         try:
             self.student.load_state_dict(split_prefix(weights, "student"), strict=True)
@@ -207,6 +224,8 @@ class Distiller:
                 self._begin_round(round_index)
             generator = torch.Generator().manual_seed(step_seed(self.config.seed, self.step))
             x0, context = self.data(generator, self.config.batch_size)
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.config.lr_at(k)
             loss = self.loss(x0.float(), context.float(), round_index, generator)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"distillation loss became {loss.item()} at step "
