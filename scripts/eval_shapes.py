@@ -115,8 +115,9 @@ def summarise(truth: list[Triple], predicted: list[Triple]) -> dict[str, float]:
     swapped = (p[:, 0] == t[:, 2]) & (p[:, 2] == t[:, 0]) & (t[:, 0] != t[:, 2])
     out = {"color": hits[:, 0].mean(), "shape": hits[:, 1].mean(), "background": hits[:, 2].mean(),
            "all": hits.all(1).mean(), "swap": swapped.mean()}
-    out["held_out_all"] = hits[held].all(1).mean() if held.any() else float("nan")
-    return {k: 100.0 * float(v) for k, v in out.items()} | {"count": len(truth), "held_out_count": int(held.sum())}
+    out = {k: 100.0 * float(v) for k, v in out.items()}
+    out["held_out_all"] = 100.0 * float(hits[held].all(1).mean()) if held.any() else None  # none scored
+    return out | {"count": len(truth), "held_out_count": int(held.sum())}
 
 
 def print_summary(summary: dict[str, float]) -> None:
@@ -124,7 +125,8 @@ def print_summary(summary: dict[str, float]) -> None:
     print(f"{'measure':<22}{'accuracy':>10}")
     for key, label in [("color", "colour"), ("shape", "shape"), ("background", "background"),
                        ("all", "all three"), ("held_out_all", "held-out all three")]:
-        print(f"{label:<22}{summary[key]:>9.1f}%")
+        value = summary[key]
+        print(f"{label:<22}{'n/a':>10}" if value is None else f"{label:<22}{value:>9.1f}%")
     print(f"{'colour/bg swapped':<22}{summary['swap']:>9.1f}%")
     print(f"({summary['count']} images, {summary['held_out_count']} of them held-out triples)")
 

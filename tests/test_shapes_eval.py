@@ -180,6 +180,7 @@ def test_pairs_keep_the_confusable_triples_in_both_orders(tmp_path, monkeypatch)
     assert triples == expected
     summary = json.loads((tmp_path / "out" / "results.json").read_text())["summary"]
     assert summary["count"] == 2 * 12
+    assert summary["held_out_all"] is None and summary["held_out_count"] == 0   # none among them
 
 
 @pytest.mark.parametrize("bad", ["green-green", "green", "green-teal", "red-blue-green"])
