@@ -7,9 +7,15 @@ its noise augmentation under `low_scale_model.` (LatentUpscaleDiffusion.low_scal
 Our files are safetensors with the ModelConfig as JSON in the metadata key "ldm_config", so a
 checkpoint rebuilds its model.
 Reading never executes code: safetensors, or torch.load(weights_only=True).
+
+A file may store only its U-Net and name, in the metadata key "ldm_base", the file beside it
+that holds its VAE and text encoder (a distilled student shares both with its teacher), with
+that file's SHA-256 in "ldm_base_sha256"; reading completes it from there, so every reader sees
+a full checkpoint.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
@@ -36,6 +42,9 @@ LOW_SCALE_PREFIX = "low_scale_model."
 FIRST_CONV = "input_blocks.0.0.weight"  # U-Net key whose in-channels tell the conditioning
 EMA_UNET_ROOT = "diffusion_model."  # LitEma names start from LatentDiffusion.model
 CONFIG_METADATA_KEY = "ldm_config"
+BASE_METADATA_KEY = "ldm_base"          # file name (same folder) holding the shared networks
+BASE_SHA_METADATA_KEY = "ldm_base_sha256"
+SHARED_PARTS = ("autoencoder", "text_encoder")  # what a file completed from a base leaves out
 _SHOW = 5  # keys listed per kind of mismatch
 
 
@@ -47,9 +56,42 @@ def ema_key(unet_key: str) -> str:
 # ---------------------------------------------------------------- files
 
 
-def read_checkpoint(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """Tensors and string metadata of a .safetensors or .ckpt/.pt file (never runs code)."""
-    path = Path(path)
+def read_checkpoint(path: str | Path, complete: bool = True) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Tensors and string metadata of a .safetensors or .ckpt/.pt file (never runs code); a
+    file naming a base is completed from it (complete=False: the file's own tensors only)."""
+    tensors, metadata = _read_file(Path(path))
+    if complete and BASE_METADATA_KEY in metadata:
+        tensors = {**base_parts(Path(path), metadata), **tensors}
+    return tensors, metadata
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def base_parts(path: Path, metadata: dict[str, str]) -> dict[str, Tensor]:
+    """The shared networks' tensors from the base file that `path`'s metadata names, after
+    checking its SHA-256 (a retrained base must not silently pair with an old U-Net)."""
+    name = metadata[BASE_METADATA_KEY]
+    base = path.parent / name
+    if Path(name).name != name or not base.is_file():
+        raise CheckpointError(f"{path} stores only its U-Net; its VAE and text encoder come from "
+                              f"{name!r}, which is not a file beside it")
+    want, got = metadata.get(BASE_SHA_METADATA_KEY, ""), file_sha256(base)
+    if got != want:
+        raise CheckpointError(f"{path} was made to complete {name} with SHA-256 {want[:12]}..., "
+                              f"but the {name} beside it has {got[:12]}...")
+    tensors, _ = _read_file(base)
+    prefixes = tuple(PREFIXES[p] for p in SHARED_PARTS)
+    return {k: v for k, v in tensors.items() if k.startswith(prefixes)}
+
+
+def _read_file(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     with open(path, "rb") as f:

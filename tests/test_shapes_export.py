@@ -60,3 +60,76 @@ def test_export_refuses_oversized_and_bad_input(tmp_path, capsys):
     assert "would take" in capsys.readouterr().err and not (tmp_path / "x.safetensors").exists()
     assert ev.main([str(tmp_path / "missing.safetensors"), "--out", str(tmp_path / "y.safetensors")]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def _teacher_and_student(tmp_path):
+    """A teacher exported to fp16 and a 'student': the teacher with its U-Net changed."""
+    from ldm.pipeline import Pipeline
+
+    pipe = Pipeline.from_config(_tiny_config(), seed=1)
+    pipe.save(tmp_path / "model.safetensors")
+    assert _script().main([str(tmp_path / "model.safetensors"), "--out", str(tmp_path / "teacher.safetensors")]) == 0
+    with torch.no_grad():
+        for p in pipe.unet.parameters():
+            p.add_(0.01)
+    pipe.save(tmp_path / "student_full.safetensors")
+    return pipe
+
+
+def test_student_beside_its_teacher_stores_only_its_unet(tmp_path):
+    import ldm
+    from ldm.checkpoint import read_checkpoint
+
+    _teacher_and_student(tmp_path)
+    full, slim = tmp_path / "student_fp16.safetensors", tmp_path / "student.safetensors"
+    ev = _script()
+    assert ev.main([str(tmp_path / "student_full.safetensors"), "--out", str(full)]) == 0
+    assert ev.main([str(tmp_path / "student_full.safetensors"), "--out", str(slim),
+                    "--base", str(tmp_path / "teacher.safetensors")]) == 0
+    own, meta = read_checkpoint(slim, complete=False)
+    assert not any(k.startswith(("first_stage_model.", "cond_stage_model.")) for k in own)
+    assert meta["ldm_base"] == "teacher.safetensors" and len(meta["ldm_base_sha256"]) == 64
+    assert slim.stat().st_size < full.stat().st_size
+    completed, _ = read_checkpoint(slim)
+    expected, _ = read_checkpoint(full)
+    assert set(completed) == set(expected)
+    assert all(torch.equal(completed[k], expected[k]) for k in expected)
+    a, b = ldm.load_pipeline(slim, prepare=False), ldm.load_pipeline(full, prepare=False)
+    assert all(torch.equal(p, q) for p, q in zip(a.unet.parameters(), b.unet.parameters()))
+
+
+def test_missing_or_changed_base_is_one_clear_error(tmp_path):
+    import pytest
+
+    from ldm.checkpoint import read_checkpoint
+    from ldm.errors import CheckpointError
+
+    _teacher_and_student(tmp_path)
+    slim = tmp_path / "student.safetensors"
+    teacher = tmp_path / "teacher.safetensors"
+    assert _script().main([str(tmp_path / "student_full.safetensors"), "--out", str(slim),
+                           "--base", str(teacher)]) == 0
+    teacher.rename(tmp_path / "moved.safetensors")
+    with pytest.raises(CheckpointError, match="not a file beside it"):
+        read_checkpoint(slim)
+    (tmp_path / "moved.safetensors").rename(teacher)
+    with open(teacher, "ab") as f:   # any other bytes: another (e.g. retrained) teacher
+        f.write(b" ")
+    with pytest.raises(CheckpointError, match="SHA-256"):
+        read_checkpoint(slim)
+
+
+def test_base_with_other_networks_is_refused(tmp_path, capsys):
+    from ldm.pipeline import Pipeline
+
+    _teacher_and_student(tmp_path)
+    other = Pipeline.from_config(_tiny_config(), seed=2)    # another VAE and text encoder
+    other.save(tmp_path / "other.safetensors")
+    ev = _script()
+    assert ev.main([str(tmp_path / "other.safetensors"), "--out", str(tmp_path / "s.safetensors"),
+                    "--base", str(tmp_path / "teacher.safetensors")]) == 2
+    assert "differ from" in capsys.readouterr().err and not (tmp_path / "s.safetensors").exists()
+    (tmp_path / "sub").mkdir()
+    assert ev.main([str(tmp_path / "student_full.safetensors"), "--out", str(tmp_path / "sub" / "s.safetensors"),
+                    "--base", str(tmp_path / "teacher.safetensors")]) == 2
+    assert "must be in the folder" in capsys.readouterr().err

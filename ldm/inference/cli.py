@@ -15,8 +15,9 @@ from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
+from ldm.checkpoint import file_sha256
 from ldm.inference.options import SamplingOptions
-from ldm.inference.outputs import (UsageError, file_sha256, load_image, make_grid, png_info,
+from ldm.inference.outputs import (UsageError, load_image, make_grid, png_info,
                                    read_png_parameters, write_new_png)
 
 if TYPE_CHECKING:

@@ -1,8 +1,7 @@
 """What the scripts read and write: input pictures, numbered PNGs with their generation
-parameters (JSON in the text chunk "parameters"), grids, file hashes."""
+parameters (JSON in the text chunk "parameters"), grids."""
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -16,15 +15,6 @@ PARAMETERS_KEY = "parameters"
 
 class UsageError(Exception):
     """Bad input to a script: reported as one line, exit status 2."""
-
-
-def file_sha256(path: str | Path) -> str:
-    """Hex SHA-256 of a file (the model and input hashes stored in every PNG)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def load_image(path: str | Path, flag: str, mode: str = "RGB") -> Image.Image:
