@@ -117,3 +117,21 @@ def test_cached_latents_train_like_encoding_every_step(vae_file, folder, tmp_pat
     # same flips, same noise and timesteps: only batched-convolution rounding differs
     assert losses["cached"] == pytest.approx(losses["plain"], rel=1e-3)
     assert losses["reused"] == pytest.approx(losses["cached"], rel=1e-6)
+
+
+def test_sample_grids_during_training(vae_file, folder, tmp_path):
+    """run.image_every draws the fixed prompts with the EMA weights into images/."""
+    from PIL import Image
+
+    out = tmp_path / "ldm"
+    code = script_main("ldm", "", ["--config", str(ROOT / "configs/train_ldm_tiny.yaml"), *TINY_LDM,
+                                   f"data.path={folder}", f"ldm.vae={vae_file}", "run.steps=2",
+                                   "run.image_every=2", "run.checkpoint_every=2",
+                                   "ldm.sample_prompts=[a red circle, a blue circle]",
+                                   "ldm.samples_per_prompt=3", "ldm.sample_steps=2",
+                                   "--out", str(out), "--quiet"])
+    assert code == 0
+    grids = sorted((out / "images").glob("samples_*.png"))
+    assert [g.name for g in grids] == ["samples_0000002.png"]
+    width, height = Image.open(grids[0]).size
+    assert width > height > 2 * 16      # 2 rows (prompts) x 3 columns (samples) of 16 px images

@@ -187,7 +187,7 @@ class LDMTask:
         c = self.config.ldm
         if not c.sample_prompts:
             return
-        from ldm import generate
+        from ldm.inference import SamplingOptions, txt2img
         was_training = self.net.training
         self.net.eval()
         rows = []
@@ -196,10 +196,11 @@ class LDMTask:
                 pipe = Pipeline(self.autoencoder, self.net.unet, self.net.text_encoder,
                                 self.final_config(), device=self.info.device)
                 for prompt in c.sample_prompts:
-                    rows += generate.txt2img(pipe, prompt, height=self.config.data.size,
-                                             width=self.config.data.size, steps=c.sample_steps,
-                                             guidance_scale=c.guidance_scale, seed=0,
-                                             num_images=c.samples_per_prompt)
+                    options = SamplingOptions(prompt=prompt, height=self.config.data.size,
+                                              width=self.config.data.size, steps=c.sample_steps,
+                                              guidance_scale=c.guidance_scale, seed=0,
+                                              num_images=c.samples_per_prompt)
+                    rows += txt2img(pipe, options)
         except LdmError as err:  # a sampling problem must not end a long training run
             log.warning("no sample grid at step %d: %s", step, err)
             return
