@@ -67,6 +67,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    metavar="K", help="caption wording: template K of ldm.data.shapes."
                    "CAPTION_TEMPLATES (default 0, the canonical 'a {color} {shape} on a "
                    "{background} background'; 4 names the background first)")
+    p.add_argument("--only-wrong", default=None, metavar="RESULTS",
+                   help="regenerate only the images this results.json (a run with the same "
+                        "--seed, --seeds, --limit and --pairs) got wrong, each with its own seed: "
+                        "e.g. to see what --classifier guidance fixes")
     args = p.parse_args(argv)
     try:
         args.pairs = parse_pairs(args.pairs)
@@ -183,6 +187,22 @@ def generate_images(pipe, prompts: list[str], first_seed: int, args: argparse.Na
     return [np.asarray(image.convert("RGB")) for image in txt2img(pipe, options)]
 
 
+def wrong_jobs(path: str | Path, triples: list[Triple], seeds: int) -> list[tuple[int, int]]:
+    """(repeat, triple index) of every image an earlier run over the same triples got wrong."""
+    predictions = json.loads(Path(path).read_text())["predictions"]
+    if len(predictions) != len(triples) * seeds:
+        raise ValueError(f"{path} scored {len(predictions)} images, not {len(triples) * seeds}: "
+                         "it was made with other --seeds, --limit or --pairs")
+    jobs = []
+    for n, item in enumerate(predictions):
+        repeat, index = divmod(n, len(triples))
+        if tuple(item["truth"]) != triples[index]:
+            raise ValueError(f"{path} was made with other --limit or --pairs")
+        if item["truth"] != item["predicted"]:
+            jobs.append((repeat, index))
+    return jobs
+
+
 def evaluate_model(args: argparse.Namespace) -> tuple[dict, dict, dict, list]:
     """Generate args.seeds images per triple (repeat r of triple i with seed + i + 1000 r) and
     classify them; the grid shows the first repeat."""
@@ -200,22 +220,30 @@ def evaluate_model(args: argparse.Namespace) -> tuple[dict, dict, dict, list]:
         triples = [t for t in triples if tuple(sorted((t[0], t[2]))) in pairs]
         if not triples:
             raise ValueError("--pairs and --limit leave no triple to score")
-    batch = 1 if args.classifier else args.batch  # one triple's labels per guided batch
+    # Batches of consecutive triples of one repeat; one image at a time with a classifier (one
+    # triple's labels per guided batch) or when only earlier misses are redone.
+    if args.only_wrong:
+        batches = [(repeat, index, 1) for repeat, index in wrong_jobs(args.only_wrong, triples, args.seeds)]
+    else:
+        batch = 1 if args.classifier else args.batch
+        batches = [(repeat, start, min(batch, len(triples) - start))
+                   for repeat in range(args.seeds) for start in range(0, len(triples), batch)]
     truth, pred, images, preds = [], [], {}, {}
-    with tqdm(total=len(triples) * args.seeds, desc="generate") as bar:
-        for repeat in range(args.seeds):
-            for start in range(0, len(triples), batch):
-                chunk = triples[start:start + batch]
-                first_seed = args.seed + start + SEED_STRIDE * repeat
-                guided = chunk[0] if args.classifier else None
-                prompts = [caption(t, args.template) for t in chunk]
-                for triple, pixels in zip(chunk, generate_images(pipe, prompts, first_seed, args, guided)):
-                    got = classify(pixels).triple
-                    truth.append(triple)
-                    pred.append(got)
-                    if repeat == 0:
-                        images[triple], preds[triple] = pixels, got
-                bar.update(len(chunk))
+    with tqdm(total=sum(n for _, _, n in batches), desc="generate") as bar:
+        for repeat, start, count in batches:
+            chunk = triples[start:start + count]
+            first_seed = args.seed + start + SEED_STRIDE * repeat
+            guided = chunk[0] if args.classifier else None
+            prompts = [caption(t, args.template) for t in chunk]
+            for triple, pixels in zip(chunk, generate_images(pipe, prompts, first_seed, args, guided)):
+                got = classify(pixels).triple
+                truth.append(triple)
+                pred.append(got)
+                if triple not in images:
+                    images[triple], preds[triple] = pixels, got
+            bar.update(count)
+    if not truth:
+        raise ValueError(f"{args.only_wrong} has no wrong image to redo")
     return summarise(truth, pred), images, preds, list(zip(truth, pred))
 
 

@@ -202,3 +202,25 @@ def test_template_words_the_prompts(tmp_path, monkeypatch):
     assert ev.main(["--ckpt", ckpt, "--seeds", "1", "--pairs", "red-blue", "--template", "4",
                     "--outdir", str(tmp_path / "out")]) == 0
     assert "a blue background with a red circle" in prompts and len(prompts) == 6
+
+
+def test_only_wrong_redoes_the_misses_with_their_own_seeds(tmp_path, monkeypatch):
+    ev = _load_script()
+    calls: list = []
+    monkeypatch.setattr(ev, "generate_images", _fake_generate(None, calls))
+    ckpt = _stub_checkpoint(tmp_path, monkeypatch)
+    triples = [t for t in ev.all_triples() if {t[0], t[2]} == {"blue", "green"}]   # the script's order
+    predictions = [{"truth": list(t), "predicted": list(t)} for _ in range(2) for t in triples]
+    for n in (4, 6 + 1):                             # repeat 0, triple 4; repeat 1, triple 1
+        color, shape, background = predictions[n]["truth"]
+        predictions[n]["predicted"] = [background, shape, color]
+    earlier = tmp_path / "earlier.json"
+    earlier.write_text(json.dumps({"predictions": predictions}))
+    assert ev.main(["--ckpt", ckpt, "--seeds", "2", "--pairs", "blue-green", "--seed", "10",
+                    "--only-wrong", str(earlier), "--outdir", str(tmp_path / "out")]) == 0
+    assert calls == [([ev.caption(triples[4])], 10 + 4), ([ev.caption(triples[1])], 10 + 1 + 1000)]
+    summary = json.loads((tmp_path / "out" / "results.json").read_text())["summary"]
+    assert summary["count"] == 2 and summary["all"] == 100.0       # the fake draws them right
+    # A results file of another run is refused in one line.
+    assert ev.main(["--ckpt", ckpt, "--seeds", "1", "--pairs", "blue-green",
+                    "--only-wrong", str(earlier), "--outdir", str(tmp_path / "out2")]) == 2
