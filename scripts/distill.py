@@ -41,8 +41,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (default 1e-4)")
     p.add_argument("--lr-decay", default="linear", choices=("linear", "constant"),
                    help="learning rate within a round: linear to 0 (default) or constant")
-    p.add_argument("--guidance-scale", type=float, default=7.5,
-                   help="classifier-free guidance distilled into the students (default 7.5, as txt2img)")
+    p.add_argument("--guidance-scale", type=float, default=None,
+                   help="classifier-free guidance distilled into the students (default 7.5, as "
+                        "txt2img; 1 for a teacher that is itself a student and carries its guidance)")
     p.add_argument("--images", type=int, default=4000, help="rendered training images (default 4000)")
     p.add_argument("--seed", type=int, default=0, help="seed of data and training (default 0)")
     p.add_argument("--checkpoint-every", type=int, default=250, help="default 250 steps")
@@ -78,7 +79,9 @@ def exporter(pipe, out: Path, guidance_scale: float, suffix: str = ""):
         config = copy.deepcopy(pipe.config)
         config.diffusion.prediction_type = "v"
         config.diffusion.timestep_spacing = "trailing"
-        config.diffusion.distilled_guidance = guidance_scale if guidance_scale != 1 else 0.0
+        # A teacher that is itself a student hands on the guidance it carries.
+        config.diffusion.distilled_guidance = (pipe.config.diffusion.distilled_guidance
+                                               or (guidance_scale if guidance_scale != 1 else 0.0))
         path = out / f"student-{steps}steps{suffix}.safetensors"
         Pipeline(pipe.autoencoder, copy.deepcopy(student).eval(), pipe.text_encoder, config).save(path)
         print(f"wrote {path}", flush=True)
@@ -112,14 +115,18 @@ def run(args: argparse.Namespace) -> None:
     import ldm
     from ldm.prediction import parse_prediction_type
     from ldm.train.distill import DistillConfig, Distiller
-    config = DistillConfig(teacher_steps=args.teacher_steps, final_steps=args.final_steps,
-                           iterations=args.iterations, batch_size=args.batch, lr=args.lr,
-                           lr_decay=args.lr_decay,
-                           guidance_scale=args.guidance_scale, seed=args.seed,
-                           checkpoint_every=args.checkpoint_every)
     if not Path(args.ckpt).is_file():
         raise ValueError(f"checkpoint not found: {args.ckpt}")
     pipe = ldm.load_pipeline(args.ckpt, device="cpu", dtype="fp32", prepare=False)
+    carried = pipe.config.diffusion.distilled_guidance
+    if carried and args.guidance_scale not in (None, 1.0):
+        raise ValueError(f"{args.ckpt} already carries guidance {carried:g}; distil it with "
+                         "--guidance-scale 1")
+    scale = args.guidance_scale if args.guidance_scale is not None else (1.0 if carried else 7.5)
+    config = DistillConfig(teacher_steps=args.teacher_steps, final_steps=args.final_steps,
+                           iterations=args.iterations, batch_size=args.batch, lr=args.lr,
+                           lr_decay=args.lr_decay, guidance_scale=scale, seed=args.seed,
+                           checkpoint_every=args.checkpoint_every)
     if pipe.config.diffusion.learned_variance:
         raise ValueError("distillation needs a teacher without learned variance")
     t0 = time.perf_counter()
@@ -135,7 +142,7 @@ def run(args: argparse.Namespace) -> None:
     out = Path(args.out)
     distiller = Distiller(pipe.unet, pipe.schedule, parse_prediction_type(pipe.config.diffusion.prediction_type),
                           uncond, data, config, out, resume=args.resume,
-                          on_round_end=exporter(pipe, out, args.guidance_scale))
+                          on_round_end=exporter(pipe, out, scale))
     held = latents[:64], contexts[:64]
     window: list[float] = []
     start = time.perf_counter()

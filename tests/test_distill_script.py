@@ -45,3 +45,16 @@ def test_export_of_a_missing_checkpoint(run, tmp_path, capsys) -> None:
     assert distill.main(["--ckpt", str(teacher), "--out", str(tmp_path),
                          "--export", str(tmp_path / "nothing")]) == 2
     assert capsys.readouterr().err.startswith("error: cannot read checkpoint")
+
+
+def test_a_student_distils_further_and_keeps_its_guidance(run, tmp_path, capsys) -> None:
+    _, out = run
+    student = out / "student-2steps.safetensors"
+    assert distill.main(["--ckpt", str(student), "--out", str(tmp_path), "--images", "8",
+                         "--iterations", "1", "--batch", "2", "--teacher-steps", "2",
+                         "--final-steps", "1", "--threads", "1"]) == 0
+    d = ldm.load_pipeline(tmp_path / "student-1steps.safetensors", prepare=False).config.diffusion
+    assert (d.prediction_type, d.timestep_spacing, d.distilled_guidance) == ("v", "trailing", 7.5)
+    assert distill.main(["--ckpt", str(student), "--out", str(tmp_path / "again"),
+                         "--guidance-scale", "3", "--teacher-steps", "2", "--final-steps", "1"]) == 2
+    assert "already carries guidance 7.5" in capsys.readouterr().err
