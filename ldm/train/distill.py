@@ -135,7 +135,7 @@ class Distiller:
     def _load(self, directory: Path) -> None:
         weights, trainer = load_state(directory)
         saved = trainer.get("distill_config")
-        if saved is not None:  # runs written before lr_decay existed trained at a constant rate
+        if saved is not None:  # a checkpoint without lr_decay comes from a constant-rate run
             saved = {"lr_decay": "constant", **saved}
         if saved != asdict(self.config):
             raise ResumeError(f"{directory} was written by a run with another distillation config")
