@@ -20,7 +20,7 @@ import json
 import os
 import pickle
 import re
-import tempfile
+import uuid
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -138,6 +138,13 @@ def _read_torch(path: Path) -> dict[str, Tensor]:
     return tensors
 
 
+def _umask() -> int:
+    """The process's file-creation mask (reading it means setting it: put it straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def write_checkpoint(path: str | Path, tensors: dict[str, Tensor],
                      metadata: dict[str, str] | None = None) -> None:
     """Write a safetensors file atomically (temp file in the same folder, then os.replace)."""
@@ -156,10 +163,11 @@ def write_checkpoint(path: str | Path, tensors: dict[str, Tensor],
     bad = {k: type(v).__name__ for k, v in (metadata or {}).items() if not isinstance(v, str)}
     if bad:
         raise CheckpointError(f"checkpoint metadata values must be strings: {bad}")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
     try:
         save_file(out, tmp, metadata=dict(metadata or {}))
+        # safetensors writes 0600 files; a checkpoint gets what the umask gives any new file.
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -1,6 +1,7 @@
 """Checkpoint layout: write/read, config in metadata, strict loading, errors, EMA, stage-1 files."""
 import os
 import pickle
+import stat
 from pathlib import Path
 
 import pytest
@@ -192,6 +193,16 @@ def test_strict_yaml_keeps_merge_keys_and_reads_every_shipped_config():
     assert len(configs) >= 5
     for path in configs:
         assert isinstance(parse_yaml(path.read_text()), dict), path
+
+
+def test_write_checkpoint_gives_the_umask_permissions_and_leaves_no_temp_file(tmp_path):
+    old = os.umask(0o022)
+    try:
+        ckpt.write_checkpoint(tmp_path / "x.safetensors", {"a": torch.zeros(1)})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "x.safetensors").stat().st_mode) == 0o644
+    assert [p.name for p in tmp_path.iterdir()] == ["x.safetensors"]
 
 
 def test_write_checkpoint_rejects_non_string_metadata(tmp_path):
