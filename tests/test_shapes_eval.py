@@ -78,12 +78,17 @@ def _stub_checkpoint(tmp_path, monkeypatch) -> str:
     return str(ckpt)
 
 
+def _script_with(tmp_path, monkeypatch, generate) -> tuple:
+    """The script with `generate` in place of generate_images, and a stub checkpoint for it."""
+    ev = _load_script()
+    monkeypatch.setattr(ev, "generate_images", generate)
+    return ev, _stub_checkpoint(tmp_path, monkeypatch)
+
+
 @pytest.mark.parametrize("broken", [None, "triangle"])
 def test_generation_loop(tmp_path, monkeypatch, broken):
-    ev = _load_script()
     calls: list = []
-    monkeypatch.setattr(ev, "generate_images", _fake_generate(broken, calls))
-    ckpt = _stub_checkpoint(tmp_path, monkeypatch)
+    ev, ckpt = _script_with(tmp_path, monkeypatch, _fake_generate(broken, calls))
     assert ev.main(["--ckpt", ckpt, "--seed", "100", "--batch", "50", "--outdir", str(tmp_path / "out")]) == 0
     prompts = [p for batch, _ in calls for p in batch]
     assert len(prompts) == 3 * 168 and len(set(prompts)) == 168   # three seeds per triple by default
@@ -110,10 +115,8 @@ def test_generation_loop(tmp_path, monkeypatch, broken):
 
 
 def test_one_seed_is_one_image_per_triple(tmp_path, monkeypatch):
-    ev = _load_script()
     calls: list = []
-    monkeypatch.setattr(ev, "generate_images", _fake_generate(None, calls))
-    ckpt = _stub_checkpoint(tmp_path, monkeypatch)
+    ev, ckpt = _script_with(tmp_path, monkeypatch, _fake_generate(None, calls))
     assert ev.main(["--ckpt", ckpt, "--seeds", "1", "--batch", "84",
                     "--outdir", str(tmp_path / "out")]) == 0
     assert [first for _, first in calls] == [0, 84]
@@ -150,7 +153,6 @@ def test_missing_checkpoint_is_one_line(tmp_path):
 
 
 def test_classifier_mode_guides_each_triple_alone(tmp_path, monkeypatch):
-    ev = _load_script()
     calls: list = []
     fake = _fake_generate(None, calls)
     guided: list = []
@@ -158,8 +160,7 @@ def test_classifier_mode_guides_each_triple_alone(tmp_path, monkeypatch):
     def generate(pipe, prompts, first_seed, args, triple=None):
         guided.append(triple)
         return fake(pipe, prompts, first_seed, args, triple)
-    monkeypatch.setattr(ev, "generate_images", generate)
-    ckpt = _stub_checkpoint(tmp_path, monkeypatch)
+    ev, ckpt = _script_with(tmp_path, monkeypatch, generate)
     assert ev.main(["--ckpt", ckpt, "--seeds", "2", "--limit", "12", "--classifier", "c.st",
                     "--outdir", str(tmp_path / "out")]) == 0
     assert len(calls) == 24 and all(len(batch) == 1 for batch, _ in calls)
@@ -168,10 +169,8 @@ def test_classifier_mode_guides_each_triple_alone(tmp_path, monkeypatch):
 
 
 def test_pairs_keep_the_confusable_triples_in_both_orders(tmp_path, monkeypatch):
-    ev = _load_script()
     calls: list = []
-    monkeypatch.setattr(ev, "generate_images", _fake_generate(None, calls))
-    ckpt = _stub_checkpoint(tmp_path, monkeypatch)
+    ev, ckpt = _script_with(tmp_path, monkeypatch, _fake_generate(None, calls))
     assert ev.main(["--ckpt", ckpt, "--seeds", "2", "--pairs", "green-blue, black-green",
                     "--outdir", str(tmp_path / "out")]) == 0
     triples = {tuple(p.split()[i] for i in (1, 2, 5)) for batch, _ in calls for p in batch}
@@ -191,24 +190,20 @@ def test_bad_pairs_are_one_line(bad):
 
 
 def test_template_words_the_prompts(tmp_path, monkeypatch):
-    ev = _load_script()
     prompts: list = []
 
     def generate(pipe, batch, first_seed, args, triple=None):
         prompts.extend(batch)
         return [np.zeros((args.size, args.size, 3), np.uint8)] * len(batch)
-    monkeypatch.setattr(ev, "generate_images", generate)
-    ckpt = _stub_checkpoint(tmp_path, monkeypatch)
+    ev, ckpt = _script_with(tmp_path, monkeypatch, generate)
     assert ev.main(["--ckpt", ckpt, "--seeds", "1", "--pairs", "red-blue", "--template", "4",
                     "--outdir", str(tmp_path / "out")]) == 0
     assert "a blue background with a red circle" in prompts and len(prompts) == 6
 
 
 def test_only_wrong_redoes_the_misses_with_their_own_seeds(tmp_path, monkeypatch):
-    ev = _load_script()
     calls: list = []
-    monkeypatch.setattr(ev, "generate_images", _fake_generate(None, calls))
-    ckpt = _stub_checkpoint(tmp_path, monkeypatch)
+    ev, ckpt = _script_with(tmp_path, monkeypatch, _fake_generate(None, calls))
     triples = [t for t in ev.all_triples() if {t[0], t[2]} == {"blue", "green"}]   # the script's order
     predictions = [{"truth": list(t), "predicted": list(t)} for _ in range(2) for t in triples]
     for n in (4, 6 + 1):                             # repeat 0, triple 4; repeat 1, triple 1
