@@ -95,6 +95,31 @@ def test_guidance_sweep_grid() -> None:
     assert any("Guidance scales" in e.value for e in at.error)
 
 
+def test_generation_with_classifier_guidance() -> None:
+    at = open_page("Generation")
+    at.number_input(key="gen_steps").set_value(2)
+    at.slider(key="gen_classifier_scale").set_value(3.0).run()
+    assert any("at least one class" in e.value for e in at.error)  # a scale, but no class
+    at.selectbox(key="gen_class_color").set_value("red")
+    at.selectbox(key="gen_class_bg").set_value("blue").run()
+    at.button(key="gen_run").click().run()
+    assert_clean(at)
+    assert [e for e in at.image if e.captions == ["final image"]]
+    assert at.session_state["gen_result"]["options"].classifier_labels == "color=red,bg=blue"
+
+
+def test_the_embedded_student_samples_in_its_own_steps() -> None:
+    at = open_page("Generation")
+    at.sidebar.radio(key="model_embedded").set_value("4-step student").run()
+    assert_clean(at)
+    assert at.number_input(key="gen_steps_distilled").value == 4
+    assert at.slider(key="gen_guidance_distilled").disabled
+    at.button(key="gen_run").click().run()
+    assert_clean(at)
+    assert sum(len(e.value) == 4 for e in at.image) == 2  # x_t and x_0 strips, a frame per step
+    assert any("nothing to sweep" in c.value for c in at.caption)
+
+
 def test_latent_space_reconstruction_and_interpolation() -> None:
     at = open_page("Latent space")
     assert any(m.label == "Scale factor" for m in at.metric)

@@ -15,6 +15,10 @@ from ldm.data.shapes import ShapesDataset, caption
 from ldm.pipeline import Pipeline
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "assets" / "shapes.safetensors"
+# The embedded models the sidebar offers: the default model and its distilled 4-step student.
+EMBEDDED = {"default model": DEFAULT_MODEL,
+            "4-step student": DEFAULT_MODEL.with_name("shapes_4step.safetensors")}
+CLASSIFIER = DEFAULT_MODEL.with_name("shapes_classifier.safetensors")
 SHAPES_SEED = 7  # a fixed shapes set, so "sample 3" is the same picture on every page and run
 
 
@@ -28,10 +32,16 @@ def _load(path: str, config: str | None, device_name: str) -> Pipeline:
     return ldm.load_pipeline(path, config or None, device=device_name)
 
 
+def model_path() -> str:
+    """The checkpoint in use: the path typed in the sidebar, else the embedded model chosen."""
+    typed = st.session_state.get("model_path")
+    return typed or str(EMBEDDED.get(st.session_state.get("model_embedded"), DEFAULT_MODEL))
+
+
 def pipeline() -> Pipeline | None:
     """The sidebar's model, loaded once per (path, config); None (and an error shown) when it
     cannot be loaded."""
-    path = st.session_state.get("model_path") or str(DEFAULT_MODEL)
+    path = model_path()
     config = st.session_state.get("model_config") or None
     try:
         return _load(path, config, device())
@@ -43,9 +53,12 @@ def pipeline() -> Pipeline | None:
 def model_sidebar() -> None:
     """Checkpoint path and optional config (our YAML, SD's inference YAML or a preset name)."""
     with st.sidebar.expander("Model", expanded=False):
+        st.radio("Embedded model", list(EMBEDDED), key="model_embedded",
+                 help="The default model samples with any sampler and step count; its "
+                      "distilled student draws the same in 4 steps, guidance built in.")
         st.text_input("Checkpoint (.safetensors / .ckpt)", key="model_path",
                       placeholder=str(DEFAULT_MODEL),
-                      help="Ours or SD 1.x / 2.x; empty for the embedded shapes model.")
+                      help="Ours or SD 1.x / 2.x; empty for the embedded model chosen above.")
         st.text_input("Config (optional)", key="model_config",
                       help="Our YAML, SD's inference YAML, or a preset name such as sd2-v.")
         st.caption(f"Device: {device()}")

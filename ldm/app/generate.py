@@ -6,13 +6,14 @@ from dataclasses import replace
 import streamlit as st
 import torch
 
-from ldm.app.common import pipeline, png_bytes, to_image
+from ldm.app.common import CLASSIFIER, model_path, pipeline, png_bytes, to_image
 from ldm.diffusion.samplers import SAMPLERS, STOCHASTIC_SAMPLERS
 from ldm.errors import LdmError
 from ldm.inference import (SamplingOptions, encode_prompts, latents_to_images, resolve, run_steps,
                            sample, start_noise, txt2img)
 from ldm.inference.conditioning import require_conditioning
 from ldm.inference.images import decode
+from ldm.models.classifier import ClassifierConfig, load_classifier
 from ldm.pipeline import Pipeline
 
 MAX_FRAMES = 10  # decoding every step of a long run would cost more than the run itself
@@ -20,28 +21,73 @@ FRAME = 80  # pixels per strip frame: a run of MAX_FRAMES fits one row
 DEFAULT_PROMPT = "a red circle on a blue background"
 
 
-def options_form() -> SamplingOptions | None:
-    """The sampling widgets as validated options (None, with the error shown, when invalid)."""
+def options_form(pipe: Pipeline) -> SamplingOptions | None:
+    """The sampling widgets as validated options (None, with the error shown, when invalid).
+    A distilled student gets its own step default and its built-in guidance scale."""
+    distilled = pipe.config.diffusion.distilled_guidance
     prompt = st.text_input("Prompt", DEFAULT_PROMPT, key="gen_prompt")
-    negative = st.text_input("Negative prompt", "", key="gen_negative")
+    negative = st.text_input("Negative prompt", "", key="gen_negative", disabled=bool(distilled),
+                             help="A distilled student has no unconditional pass to steer away from."
+                             if distilled else None)
     cols = st.columns(5)
     sampler = cols[0].selectbox("Sampler", list(SAMPLERS), key="gen_sampler")
-    steps = cols[1].number_input("Steps", 1, 1000, 20, key="gen_steps")
-    guidance = cols[2].slider("Guidance scale", 0.0, 20.0, 7.5, 0.5, key="gen_guidance")
+    if distilled:  # separate widget keys, so each kind of model keeps its own defaults
+        steps = cols[1].number_input("Steps", 1, 1000, 4, key="gen_steps_distilled",
+                                     help="The student was distilled for 4 steps.")
+        guidance = cols[2].slider("Guidance scale", 0.0, 20.0, float(distilled), 0.5,
+                                  key="gen_guidance_distilled", disabled=True,
+                                  help="Distilled into the student: one pass per step.")
+    else:
+        steps = cols[1].number_input("Steps", 1, 1000, 20, key="gen_steps")
+        guidance = cols[2].slider("Guidance scale", 0.0, 20.0, 7.5, 0.5, key="gen_guidance")
     eta = cols[3].slider("eta", 0.0, 1.0, 0.0, 0.05, key="gen_eta",
                          disabled=sampler not in STOCHASTIC_SAMPLERS,
                          help="Fresh noise per step; only ddim and euler_a take it.")
     seed = cols[4].number_input("Seed", 0, 2**31 - 1, 0, key="gen_seed")
+    steering = classifier_form(pipe)
     if not prompt.strip():
         st.error("Enter a prompt: an empty prompt gives the model nothing to follow.")
         return None
+    if steering is None:
+        return None
     try:
-        return SamplingOptions(prompt=prompt, negative_prompt=negative, sampler=sampler,
-                               steps=int(steps), guidance_scale=float(guidance), seed=int(seed),
-                               eta=float(eta) if sampler in STOCHASTIC_SAMPLERS else None)
+        return SamplingOptions(prompt=prompt, negative_prompt="" if distilled else negative,
+                               sampler=sampler, steps=int(steps), guidance_scale=float(guidance),
+                               seed=int(seed), eta=float(eta) if sampler in STOCHASTIC_SAMPLERS else None,
+                               **steering)
     except LdmError as err:
         st.error(str(err))
         return None
+
+
+@st.cache_resource(show_spinner=False, max_entries=1)
+def _classifier_config(path: str) -> ClassifierConfig:
+    return load_classifier(path).config
+
+
+def classifier_form(pipe: Pipeline) -> dict[str, object] | None:
+    """Classifier guidance toward the chosen classes: the options it adds ({} when off), or
+    None (with the reason shown) when the choice cannot run."""
+    with st.expander("Classifier guidance"):
+        scale = st.slider("Classifier scale s", 0.0, 30.0, 0.0, 0.5, key="gen_classifier_scale",
+                          help="eps - s sqrt(1 - abar_t) grad log p(class | x_t); 0 is off. "
+                               "The embedded classifier reads the embedded models' latents.")
+        config = _classifier_config(str(CLASSIFIER))
+        if config.in_channels != pipe.latent_channels:
+            st.caption(f"The embedded classifier reads {config.in_channels}-channel latents, "
+                       f"this model's have {pipe.latent_channels}: not available.")
+            return {}
+        labels = config.labels
+        cols = st.columns(len(labels))
+        picked = {name: cols[k].selectbox(name, ["any", *classes], key=f"gen_class_{name}")
+                  for k, (name, classes) in enumerate(labels.items())}
+    spec = ",".join(f"{name}={value}" for name, value in picked.items() if value != "any")
+    if scale == 0:
+        return {}
+    if not spec:
+        st.error("Classifier guidance: choose at least one class to steer toward.")
+        return None
+    return {"classifier": str(CLASSIFIER), "classifier_labels": spec, "classifier_scale": float(scale)}
 
 
 def trajectory(pipe: Pipeline, options: SamplingOptions) -> dict:
@@ -80,7 +126,9 @@ def parameters(options: SamplingOptions, model: str) -> dict[str, object]:
     return {"prompt": options.prompt, "negative_prompt": options.negative_prompt,
             "sampler": options.sampler, "steps": options.steps, "eta": options.eta,
             "guidance_scale": options.guidance_scale, "seed": options.seed,
-            "size": f"{options.width}x{options.height}", "model": model}
+            "size": f"{options.width}x{options.height}", "model": model,
+            **({"classifier": options.classifier_labels, "classifier_scale": options.classifier_scale}
+               if options.classifier else {})}
 
 
 def show_result(result: dict) -> None:
@@ -89,7 +137,7 @@ def show_result(result: dict) -> None:
     st.image(result["x"], caption=result["captions"], width=FRAME)
     st.image(result["x0"], caption=result["captions"], width=FRAME)
     st.image(result["image"], caption="final image", width=256)
-    model = st.session_state.get("model_path") or "shapes (embedded)"
+    model = model_path()
     st.download_button("Download PNG (with parameters)",
                        png_bytes(result["image"], parameters(result["options"], model)),
                        file_name=f"ldm_{result['options'].seed}.png", mime="image/png",
@@ -98,6 +146,9 @@ def show_result(result: dict) -> None:
 
 def guidance_sweep(pipe: Pipeline, options: SamplingOptions) -> None:
     """The same seed and prompt at several guidance scales."""
+    if pipe.config.diffusion.distilled_guidance:
+        st.caption("This model has its guidance scale distilled in: there is nothing to sweep.")
+        return
     text = st.text_input("Guidance scales", "1, 3, 7.5, 12", key="sweep_scales")
     if not st.button("Run sweep", key="sweep_run"):
         return
@@ -118,9 +169,11 @@ def guidance_sweep(pipe: Pipeline, options: SamplingOptions) -> None:
 
 def page() -> None:
     """Draw the page."""
-    options = options_form()
     pipe = pipeline()
-    if options is None or pipe is None:
+    if pipe is None:
+        return
+    options = options_form(pipe)
+    if options is None:
         return
     if st.button("Generate", type="primary", key="gen_run"):
         try:
