@@ -108,12 +108,18 @@ def test_non_contiguous_views():
         torch.testing.assert_close(gx, gx_ref, **GRAD_TOL[torch.float32])
 
 
-def test_large_values_are_stable():
+@pytest.mark.parametrize("layout,tol", [("contiguous", 1e-3), ("channels_last", 1e-2)])
+def test_large_values_are_stable(layout, tol):
     # A large common offset: E[x^2] - E[x]^2 would lose all precision here; Welford/Chan does not.
+    # channels_last merges per-lane partial statistics of interleaved channels, which costs
+    # about 10x the NCHW error here (6e-3). For scale: PyTorch 2.14's own fp32 channels_last
+    # GroupNorm on the CPU is off by 3.6 on this input, and by 1.5e3 at 2x320x32x32.
     x = torch.randn(1, 4, 64, 64, generator=torch.Generator().manual_seed(2)) + 1e4
+    reference = group_norm_silu_reference(x.double(), 2, silu=False).float()
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
     y = group_norm_silu(x, 2, silu=False)
-    torch.testing.assert_close(y, group_norm_silu_reference(x.double(), 2, silu=False).float(),
-                               atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(y, reference, atol=tol, rtol=tol)
 
 
 @pytest.mark.parametrize("scale", [1e3, -1e3])
