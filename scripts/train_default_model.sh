@@ -25,11 +25,11 @@ mkdir -p "$DATA"
 # 2. Stage 1: the 4x VAE (2500 steps, about 15 minutes with two threads).
 "$PY" scripts/train_vae.py --config configs/shapes_vae.yaml --out "$WORK/vae" data.path="$DATA/crops32"
 
-# 3. Stage 2: U-Net + text tower on cached latents of the frozen VAE (3600 steps, about 50 minutes).
+# 3. Stage 2: U-Net + text tower on cached latents of the frozen VAE (6000 steps, about 90 minutes).
 "$PY" scripts/train_ldm.py --config configs/shapes_ldm.yaml --out "$WORK/ldm" \
     data.path="$DATA/shapes64" ldm.vae="$WORK/vae/vae.safetensors"
 
 # 4. Ship: EMA weights in fp16 (config inside), then the evaluation on all 168 triples.
 "$PY" scripts/export_default_model.py "$WORK/ldm/model.safetensors" --out ldm/assets/shapes.safetensors \
-    --note "bash scripts/train_default_model.sh (configs/shapes_vae.yaml 2500 steps; configs/shapes_ldm.yaml 3600 steps)"
+    --note "bash scripts/train_default_model.sh (configs/shapes_vae.yaml 2500 steps; configs/shapes_ldm.yaml 6000 steps)"
 "$PY" scripts/eval_shapes.py --outdir "$WORK/eval"
