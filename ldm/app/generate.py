@@ -33,7 +33,8 @@ def options_form(pipe: Pipeline) -> SamplingOptions | None:
     sampler = cols[0].selectbox("Sampler", list(SAMPLERS), key="gen_sampler")
     if distilled:  # separate widget keys, so each kind of model keeps its own defaults
         steps = cols[1].number_input("Steps", 1, 1000, 4, key="gen_steps_distilled",
-                                     help="A student samples in the steps it was distilled for (the embedded one: 4).")
+                                     help="A student samples in the steps it was distilled "
+                                          "for (the embedded one: 4).")
         guidance = cols[2].slider("Guidance scale", 0.0, 20.0, float(distilled), 0.5,
                                   key="gen_guidance_distilled", disabled=True,
                                   help="Distilled into the student: one pass per step.")
