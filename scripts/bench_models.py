@@ -31,7 +31,8 @@ from ldm.bench import format_table, median, peak_rss_mib, reset_peak_rss, time_a
 from ldm.checkpoint import PREFIXES
 from ldm.config import ModelConfig
 from ldm.cpu import cpu_info
-from ldm.inference.setup import choose_layout, compile_for_inference, prepare_for_inference
+from ldm.inference.setup import (choose_layout, choose_winograd, compile_for_inference,
+                                 decision_key, prepare_for_inference, unet_call)
 from ldm.presets import PRESETS
 from ldm.runtime import setup_cpu, tune_allocator
 
@@ -228,6 +229,8 @@ def run_cases(cases: list[Case], opts: argparse.Namespace) -> list[list[object]]
                 ours = prepare_for_inference(ours, torch.bfloat16,
                                              **layout(ours, net, config, torch.bfloat16, opts))
             for case in (c for c in net_cases if c.precision == precision):
+                if net == "unet":
+                    winograd(ours, config, case, opts)
                 ov_call = None
                 if opts.openvino:
                     example = inputs(case, config.unet.context_dim)
@@ -256,6 +259,15 @@ def layout(ours: nn.Module, net: str, config: ModelConfig, dtype: torch.dtype,
                                        channels_last=opts.channels_last, prepacked=opts.prepacked)
     return decided.get(dtype, {"channels_last": opts.channels_last in (None, True),
                                "prepacked": bool(opts.prepacked)})
+
+
+def winograd(ours: nn.Module, config: ModelConfig, case: Case, opts: argparse.Namespace) -> None:
+    """Winograd layers for this case's latent size, as load_pipeline decides them for its."""
+    dtype = precision_dtype(case.precision)
+    key = f"{decision_key(config.unet, dtype, case.latent)} packed {layout(ours, 'unet', config, dtype, opts)['prepacked']}"
+    used = choose_winograd(ours, unet_call(ours, config.unet, dtype, case.latent), key, dtype,
+                           autotune=opts.autotune and opts.winograd)
+    print(f"{case.label}: {used} convolutions by Winograd's algorithm", flush=True)
 
 
 def run_case(case: Case, ours: nn.Module, ref: Tensor | None, peer: nn.Module,
@@ -314,6 +326,10 @@ def main() -> None:
     parser.add_argument("--prepacked", action=argparse.BooleanOptionalAction, default=None,
                         help="force ours to use (or not) oneDNN-packed convolution weights; "
                              "default: what ldm.load_pipeline measures on this machine")
+    parser.add_argument("--no-winograd", dest="winograd", action="store_false",
+                        help="every convolution direct; default: Winograd's F(2x2, 3x3) for the "
+                             "fp32 U-Net layers where it measures faster on this machine, as "
+                             "ldm.load_pipeline decides (here per latent size)")
     parser.add_argument("--no-autotune", dest="autotune", action="store_false",
                         help="no measured layout: channels_last, unpacked, as with txt2img's flag")
     parser.add_argument("--openvino", action=argparse.BooleanOptionalAction,

@@ -63,13 +63,21 @@ def decide(name: str, key: str, candidates: dict[str, Callable[[], object]], def
     `default` when autotuning is off."""
     if default not in candidates:
         raise ValueError(f"default {default!r} is not one of {sorted(candidates)}")
+    return remembered(name, key, lambda: fastest(candidates), default, enabled,
+                      valid=lambda value: value in candidates)
+
+
+def remembered(name: str, key: str, measure: Callable[[], str], default: str,
+               enabled: bool = True, valid: Callable[[str], bool] = lambda value: True) -> str:
+    """What `measure` returned for (name, key, this CPU), measured once and stored (a stored
+    value that is not `valid` is measured again); `default` when autotuning is off."""
     if not enabled:
         return default
     path = cache_dir() / CACHE_FILE
     full_key = f"{name}|{key}|{cpu_info().cache_key()}"
-    data = _load(path)
-    if data.get(full_key) in candidates:
-        return data[full_key]
-    choice = fastest(candidates)
-    _store(path, {**_load(path), full_key: choice})
-    return choice
+    stored = _load(path).get(full_key)
+    if isinstance(stored, str) and valid(stored):
+        return stored
+    value = measure()
+    _store(path, {**_load(path), full_key: value})
+    return value

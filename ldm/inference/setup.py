@@ -15,10 +15,10 @@ import torch
 
 from ldm.config import ModelConfig, UNetConfig
 from ldm.cpu import cpu_info
-from ldm.inference.autotune import decide
+from ldm.inference.autotune import decide, fastest, remembered
 from ldm.inference.options import default_image_size
 from ldm.models.prepacked import available as prepacking_available
-from ldm.models.prepacked import set_prepacked
+from ldm.models.prepacked import set_prepacked, set_winograd, winograd_applies
 from ldm.pipeline import Pipeline
 from ldm.runtime import release_free_memory
 
@@ -137,6 +137,75 @@ def choose_prepacked(unet: torch.nn.Module, config: UNetConfig, dtype: torch.dty
     return choice == "on"
 
 
+def conv_inputs(net: torch.nn.Module, call: Callable[[], object]) -> dict[torch.nn.Module, torch.Size]:
+    """The channels_last input shape of every convolution Winograd's algorithm applies to, in
+    one call."""
+    shapes: dict[torch.nn.Module, torch.Size] = {}
+
+    def record(conv: torch.nn.Module, args: tuple) -> None:
+        if args[0].is_contiguous(memory_format=torch.channels_last):  # the only calls it takes
+            shapes[conv] = args[0].shape
+    hooks = [m.register_forward_pre_hook(record) for m in net.modules() if winograd_applies(m)]
+    try:
+        call()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return shapes
+
+
+def choose_winograd(net: torch.nn.Module, call: Callable[[], object], key: str,
+                    dtype: torch.dtype, device: str | torch.device = "cpu",
+                    autotune: bool = True) -> int:
+    """Winograd's F(2x2, 3x3) or the direct convolution, per 3x3 layer of `net` at its input
+    in `call` (one inference call): each layer timed both ways once per CPU and `key` (what
+    the inputs depend on), the plan remembered and added to the sides decided before; other
+    input sides stay direct. Only fp32 channels_last CPU calls take it (ldm.models.winograd);
+    without autotuning every layer is direct. Returns how many layers use it."""
+    if not autotune or dtype != torch.float32 or torch.device(device).type != "cpu":
+        return set_winograd(net, lambda conv: ())
+
+    def measure() -> str:
+        plan: list[str] = []
+        names = {module: name for name, module in net.named_modules()}
+        faster: dict[tuple, bool] = {}  # per layer shape: layers repeat in a U-Net
+        for conv, shape in conv_inputs(net, call).items():
+            shape_key = (conv.in_channels, conv.out_channels, *shape)
+            if shape_key not in faster:
+                faster[shape_key] = winograd_is_faster(conv, shape, device)
+            if faster[shape_key]:
+                plan.append(f"{names[conv]}@{shape[-2]}x{shape[-1]}")
+        return ";".join(plan)
+    plan = remembered("winograd", key, measure, default="")
+    sides: dict[str, set[tuple[int, int]]] = {}
+    for entry in filter(None, plan.split(";")):
+        name, side = entry.rsplit("@", 1)
+        sides.setdefault(name, set()).add(tuple(int(v) for v in side.split("x")))
+    names = {module: name for name, module in net.named_modules()}
+    return set_winograd(net, lambda conv: getattr(conv, "winograd_sides", frozenset())
+                        | sides.get(names[conv], set()))
+
+
+def winograd_is_faster(conv: torch.nn.Module, shape: torch.Size,
+                       device: str | torch.device) -> bool:
+    """Time one layer on a random channels_last input both ways (calls alternating); the
+    layer is left as it was."""
+    x = torch.randn(shape, device=device).contiguous(memory_format=torch.channels_last)
+    before = getattr(conv, "winograd_sides", frozenset())
+    on = before | {(shape[-2], shape[-1])}
+    set_winograd(conv, lambda _: on)  # a PrepackedConv2d now, even if it was plain
+
+    def timed(sides: frozenset[tuple[int, int]]) -> Callable[[], None]:
+        def run() -> None:
+            conv.winograd_sides = sides  # not set_winograd: that drops the transformed kernel
+            with torch.inference_mode():
+                conv(x)
+        return run
+    faster = fastest({"on": timed(on), "off": timed(on - {(shape[-2], shape[-1])})}) == "on"
+    set_winograd(conv, lambda _: before)
+    return faster
+
+
 def choose_layout(unet: torch.nn.Module, config: UNetConfig, dtype: torch.dtype,
                   latent_side: int, device: str | torch.device = "cpu", autotune: bool = True,
                   channels_last: bool | None = None,
@@ -161,6 +230,9 @@ def prepare_pipeline(pipe: Pipeline, channels_last: bool | None = None, compile:
                            channels_last, prepacked)
     for net in (pipe.unet, pipe.autoencoder):
         prepare_for_inference(net, pipe.dtype, **layout)
+    unet = unet_call(pipe.unet, pipe.config.unet, pipe.dtype, side, pipe.device)
+    key = f"{decision_key(pipe.config.unet, pipe.dtype, side)} packed {layout['prepacked']}"
+    choose_winograd(pipe.unet, unet, key, pipe.dtype, pipe.device, autotune)
     release_free_memory()  # what loading and converting freed
     if compile:
         pipe.unet = compile_for_inference(pipe.unet)

@@ -1,4 +1,5 @@
-"""Convolutions whose CPU inference calls use a oneDNN weight packed once, not on every call.
+"""Convolutions whose CPU inference calls use a oneDNN weight packed once, not on every call,
+or Winograd's F(2x2, 3x3) algorithm (ldm.models.winograd), each switched on per module.
 
 Eager `F.conv2d` on the CPU hands oneDNN the weight in PyTorch's plain layout, and oneDNN
 reorders it into its blocked layout on every call: for the SD U-Net that is gigabytes of
@@ -13,14 +14,18 @@ no autograd, channels_last input in the weight's dtype, zero padding. Anything e
 CUDA, NCHW activations, a CPU without oneDNN's bf16 convolutions) runs the plain convolution.
 Packed copies are rebuilt when the weight changes (in-place update, dtype, device, memory
 format); each costs one more copy of the convolution weights in memory (one per input shape,
-at most two shapes).
+at most two shapes). Winograd takes the same calls in fp32, for the input sides (H, W) a module
+was told to use it for (set_winograd; the decision is measured per layer, ldm.inference.setup),
+and keeps one transformed kernel per module (16/9 the weight's size).
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
+
+from ldm.models.winograd import transform_weight, winograd_conv2d
 
 _WeightKey = tuple[int, int, torch.dtype]
 
@@ -109,26 +114,64 @@ class PackedWeight:
 
 class PrepackedConv2d(nn.Conv2d):
     """nn.Conv2d (same parameters and state-dict keys) whose eligible calls use a packed
-    weight. Modules become one through `set_prepacked` (a class swap, so models keep
-    building plain nn.Conv2d and checkpoints never see the difference)."""
+    weight (`packing`) or, for fp32 inputs of the sides in `winograd_sides`, Winograd's
+    algorithm. Modules become one through `set_prepacked` or `set_winograd` (a class swap, so
+    models keep building plain nn.Conv2d and checkpoints never see the difference)."""
 
     packed_weight: PackedWeight
+    packing: bool = False
+    winograd_sides: frozenset[tuple[int, int]] = frozenset()
+    _winograd: tuple[_WeightKey, Tensor] | None = None
 
     def forward(self, x: Tensor) -> Tensor:
         if (self.padding_mode == "zeros" and not isinstance(self.padding, str)
                 and can_pack(x, self.weight)):
-            packed = self.packed_weight.get(self.weight, x, self.padding, self.stride,
-                                            self.dilation, self.groups)
-            if packed is not None:
-                return packed_conv2d(x, packed, self.bias, self.padding, self.stride,
-                                     self.dilation, self.groups)
+            if x.dtype == torch.float32 and tuple(x.shape[-2:]) in self.winograd_sides:
+                u = self._winograd_weight()
+                if u is not None:
+                    return winograd_conv2d(x, u, self.bias)
+            if self.packing:
+                packed = self.packed_weight.get(self.weight, x, self.padding, self.stride,
+                                                self.dilation, self.groups)
+                if packed is not None:
+                    return packed_conv2d(x, packed, self.bias, self.padding, self.stride,
+                                         self.dilation, self.groups)
         return super().forward(x)
+
+    def _winograd_weight(self) -> Tensor | None:
+        """The transformed kernel, rebuilt when the weight's values change; None for an
+        inference-tensor weight (an in-place update could not be seen)."""
+        key = weight_key(self.weight)
+        if key is None:
+            return None
+        if self._winograd is None or self._winograd[0] != key:
+            self._winograd = key, transform_weight(self.weight)
+        return self._winograd[1]
+
+
+def winograd_applies(conv: nn.Module) -> bool:
+    """Whether Winograd's F(2x2, 3x3) computes this convolution: 3x3, stride 1, zero padding
+    1, no dilation or groups."""
+    return (isinstance(conv, nn.Conv2d) and conv.kernel_size == (3, 3) and conv.stride == (1, 1)
+            and conv.padding == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1
+            and conv.padding_mode == "zeros")
+
+
+def _set_class(conv: nn.Conv2d) -> None:
+    """PrepackedConv2d while a fast path is on, plain nn.Conv2d otherwise."""
+    if getattr(conv, "packing", False) or getattr(conv, "winograd_sides", ()):
+        conv.__class__ = PrepackedConv2d
+        if not isinstance(getattr(conv, "packed_weight", None), PackedWeight):
+            conv.packed_weight = PackedWeight()
+    else:
+        conv.__class__ = nn.Conv2d
 
 
 def set_prepacked(module: nn.Module, enabled: bool, drop: bool = True) -> int:
-    """Turn every plain nn.Conv2d in `module` into a PrepackedConv2d (enabled) or back, and
-    tell modules with their own packed kernels (`prepacked` and `packed_kernels` attributes,
-    e.g. the folded upsampling) to use them or not; returns how many modules changed.
+    """Turn packing on or off for every convolution in `module` (plain nn.Conv2d become
+    PrepackedConv2d), and tell modules with their own packed kernels (`prepacked` and
+    `packed_kernels` attributes, e.g. the folded upsampling) to use them or not; returns how
+    many modules changed. Winograd settings are left as they are.
 
     Packed copies already made are kept when enabling (they are rebuilt only if their weight
     changed) and dropped when disabling, unless `drop` is False (so a measurement can switch
@@ -141,14 +184,26 @@ def set_prepacked(module: nn.Module, enabled: bool, drop: bool = True) -> int:
             if not enabled and drop:
                 sub.packed_kernels.clear()
             changed += 1
-        if enabled and type(sub) is nn.Conv2d:
-            sub.__class__ = PrepackedConv2d
-            if not isinstance(getattr(sub, "packed_weight", None), PackedWeight):
-                sub.packed_weight = PackedWeight()
-            changed += 1
-        elif not enabled and type(sub) is PrepackedConv2d:
-            sub.__class__ = nn.Conv2d
-            if drop:
-                del sub.packed_weight
+        if type(sub) in (nn.Conv2d, PrepackedConv2d) and getattr(sub, "packing", False) != enabled:
+            sub.packing = enabled
+            if not enabled and drop and hasattr(sub, "packed_weight"):
+                sub.packed_weight.clear()
+            _set_class(sub)
             changed += 1
     return changed
+
+
+def set_winograd(module: nn.Module, sides: Callable[[nn.Conv2d], Iterable[tuple[int, int]]]
+                 ) -> int:
+    """Give every convolution Winograd's algorithm applies to (winograd_applies) the input
+    sides (H, W) it should use it for, `sides(conv)`, none for off; returns how many
+    convolutions use it for at least one side."""
+    using = 0
+    for sub in module.modules():
+        if type(sub) in (nn.Conv2d, PrepackedConv2d) and winograd_applies(sub):
+            sub.winograd_sides = frozenset(sides(sub))
+            if not sub.winograd_sides:
+                sub._winograd = None  # free the transformed kernel
+            _set_class(sub)
+            using += bool(sub.winograd_sides)
+    return using

@@ -1,0 +1,186 @@
+"""Winograd F(2x2, 3x3) convolutions (ldm.models.winograd) against the direct convolution,
+the per-layer switch (ldm.models.prepacked) and the measured plan (ldm.inference.setup)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import TINY_UNET, perturb, rel_l2
+from torch import nn
+
+from ldm.inference import setup
+from ldm.inference.autotune import CACHE_FILE, remembered
+from ldm.models.prepacked import PrepackedConv2d, set_prepacked, set_winograd, winograd_applies
+from ldm.models.unet import UNetModel
+from ldm.models.winograd import transform_weight, winograd_conv2d
+
+CL = torch.channels_last
+
+
+def direct(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The fp64 reference."""
+    return F.conv2d(x.double(), weight.double(), None if bias is None else bias.double(),
+                    padding=1)
+
+
+@pytest.mark.parametrize("shape, c_out, bias, channels_last", [
+    ((2, 8, 16, 16), 12, True, True),
+    ((1, 5, 7, 9), 3, True, True),  # odd sides: one padded tile row and column, cropped
+    ((3, 4, 1, 1), 6, False, True),  # one pixel: one tile, three quarters of it padding
+    ((2, 16, 6, 10), 16, True, False),  # NCHW input: read through a permuted view
+    ((1, 3, 2, 5), 7, False, False),
+])
+def test_winograd_matches_direct(shape: tuple[int, ...], c_out: int, bias: bool,
+                                 channels_last: bool) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(shape)
+    x = x.contiguous(memory_format=CL) if channels_last else x
+    weight = torch.randn(c_out, shape[1], 3, 3) / (9 * shape[1]) ** 0.5
+    b = torch.randn(c_out) if bias else None
+    got = winograd_conv2d(x, transform_weight(weight), b)
+    want = direct(x, weight, b)
+    assert got.dtype == torch.float32 and got.shape == want.shape
+    assert got.is_contiguous(memory_format=CL)
+    assert rel_l2(got, want) < 2e-6  # the direct fp32 convolution: about 1e-6
+
+
+def test_winograd_on_a_strided_view() -> None:
+    torch.manual_seed(1)
+    big = torch.randn(2, 12, 10, 14).contiguous(memory_format=CL)
+    x = big[:, 2:10, 1:9, 3:11]  # neither layout contiguous
+    weight = torch.randn(5, 8, 3, 3)
+    got = winograd_conv2d(x, transform_weight(weight), None)
+    assert rel_l2(got, direct(x, weight, None)) < 2e-6
+
+
+def test_transformed_identity_kernel_copies_the_input() -> None:
+    weight = torch.zeros(4, 4, 3, 3)
+    weight[range(4), range(4), 1, 1] = 1.0  # centre tap, channel to itself
+    u = transform_weight(weight)
+    assert u.shape == (16, 4, 4)
+    x = torch.randn(2, 4, 6, 7).contiguous(memory_format=CL)
+    assert torch.allclose(winograd_conv2d(x, u, None), x, atol=1e-6)
+
+
+def test_which_convolutions_it_applies_to() -> None:
+    assert winograd_applies(nn.Conv2d(4, 4, 3, padding=1))
+    for conv in (nn.Conv2d(4, 4, 3, padding=1, stride=2), nn.Conv2d(4, 4, 1),
+                 nn.Conv2d(4, 4, 3, padding=2, dilation=2), nn.Conv2d(4, 4, 3, padding=1, groups=2),
+                 nn.Conv2d(4, 4, 3, padding=0), nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"),
+                 nn.Linear(4, 4)):
+        assert not winograd_applies(conv)
+
+
+def winograd_layer(sides: set[tuple[int, int]]) -> nn.Conv2d:
+    torch.manual_seed(2)
+    conv = nn.Conv2d(6, 10, 3, padding=1)
+    assert set_winograd(conv, lambda _: sides) == 1
+    assert type(conv) is PrepackedConv2d
+    return conv
+
+
+def test_layer_takes_winograd_only_for_its_sides_and_fp32_inference(monkeypatch) -> None:
+    conv = winograd_layer({(8, 8)})
+    calls = []
+    import ldm.models.prepacked as prepacked
+    monkeypatch.setattr(prepacked, "winograd_conv2d",
+                        lambda *args: calls.append(args[0].shape) or winograd_conv2d(*args))
+    x8, x6 = (torch.randn(2, 6, s, s).contiguous(memory_format=CL) for s in (8, 6))
+    with torch.no_grad():
+        for x in (x8, x6):
+            assert rel_l2(conv(x), direct(x, conv.weight, conv.bias)) < 2e-6
+        conv(x8.contiguous())  # NCHW: not taken
+        conv.bfloat16()(x8.bfloat16())  # bf16: not taken
+    assert calls == [x8.shape]
+    conv.float()
+    # With gradients the direct convolution runs, and gradients reach the weight.
+    conv(x8).sum().backward()
+    assert conv.weight.grad is not None and calls == [x8.shape]
+
+
+def test_transformed_kernel_follows_weight_updates() -> None:
+    conv = winograd_layer({(5, 5)})
+    x = torch.randn(1, 6, 5, 5).contiguous(memory_format=CL)
+    with torch.no_grad():
+        conv(x)
+        conv.weight.mul_(-2.0)
+        assert rel_l2(conv(x), direct(x, conv.weight, conv.bias)) < 2e-6
+
+
+def test_winograd_and_packing_switch_independently() -> None:
+    conv = winograd_layer({(4, 4)})
+    state = {k: v.clone() for k, v in conv.state_dict().items()}
+    set_prepacked(conv, True)
+    set_prepacked(conv, False)
+    assert type(conv) is PrepackedConv2d and conv.winograd_sides == {(4, 4)}  # still Winograd
+    assert set_winograd(conv, lambda _: ()) == 0
+    assert type(conv) is nn.Conv2d  # neither: the plain module again
+    assert conv.state_dict().keys() == state.keys()
+    assert all(torch.equal(conv.state_dict()[k], v) for k, v in state.items())
+
+
+def test_winograd_unet_matches_direct() -> None:
+    torch.manual_seed(3)
+    unet = perturb(UNetModel(TINY_UNET), 0.05)
+    setup.prepare_for_inference(unet, torch.float32, channels_last=True, prepacked=True)
+    x, t, ctx = torch.randn(2, 4, 16, 16), torch.tensor([10.0, 900.0]), \
+        torch.randn(2, 7, TINY_UNET.context_dim)
+    with torch.inference_mode():
+        want = unet(x, t, ctx)
+        call = lambda: unet(x, t, ctx)  # noqa: E731
+        shapes = setup.conv_inputs(unet, call)
+        # (the first layer sees the caller's NCHW input: not recorded, stays direct)
+        sides = lambda conv: {tuple(shapes[conv][-2:])} if conv in shapes else ()  # noqa: E731
+        assert set_winograd(unet, sides) == len(shapes) > 4
+        got = unet(x, t, ctx)
+    assert all(m._winograd is not None for m in shapes)  # every layer ran it
+    assert rel_l2(got, want) < 1e-5
+
+
+def test_choose_winograd_measures_each_layer_shape_once_and_remembers(tmp_path,
+                                                                      monkeypatch) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    unet = UNetModel(TINY_UNET)
+    setup.prepare_for_inference(unet, torch.float32, channels_last=True, prepacked=True)
+    call = setup.unet_call(unet, TINY_UNET, torch.float32, 8)
+    measured = []
+
+    def winograd_is_faster(conv: nn.Module, shape: torch.Size, device: str) -> bool:
+        measured.append((conv.in_channels, conv.out_channels, *shape))
+        return conv.in_channels == conv.out_channels  # a fixed verdict, for the test
+    monkeypatch.setattr(setup, "winograd_is_faster", winograd_is_faster)
+    assert setup.choose_winograd(unet, call, "k", torch.float32, autotune=False) == 0
+    assert not measured
+    used = setup.choose_winograd(unet, call, "k", torch.float32)
+    assert len(measured) == len(set(measured)) > 0  # one measurement per distinct shape
+    layers = [m for m in unet.modules() if getattr(m, "winograd_sides", ())]
+    assert used == len(layers) > 0 and all(m.in_channels == m.out_channels for m in layers)
+    cache = json.loads((tmp_path / "ldm" / CACHE_FILE).read_text())
+    (plan,) = [v for k, v in cache.items() if k.startswith("winograd|k|")]
+    assert plan.count("@8x8") + plan.count("@4x4") == used
+    # Remembered: a fresh network gets the same plan without measuring.
+    measured.clear()
+    other = UNetModel(TINY_UNET)
+    setup.prepare_for_inference(other, torch.float32, channels_last=True, prepacked=True)
+    assert setup.choose_winograd(other, call, "k", torch.float32) == used and not measured
+    # bf16 and autotuning off turn every layer direct.
+    assert setup.choose_winograd(other, call, "k", torch.bfloat16) == 0
+
+
+def test_winograd_is_faster_leaves_the_layer_as_it_was() -> None:
+    conv = winograd_layer({(3, 3)})
+    setup.winograd_is_faster(conv, torch.Size([1, 6, 4, 4]), "cpu")
+    assert conv.winograd_sides == {(3, 3)}
+
+
+def test_remembered_stores_any_value_and_remeasures_invalid(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    runs = []
+    measure = lambda: runs.append(1) or "a;b"  # noqa: E731
+    assert remembered("plan", "k", measure, default="") == "a;b"
+    assert remembered("plan", "k", measure, default="") == "a;b" and len(runs) == 1
+    assert remembered("plan", "k", measure, default="", enabled=False) == ""
+    assert remembered("plan", "k", measure, default="", valid=lambda v: "c" in v) == "a;b"
+    assert len(runs) == 2
