@@ -99,11 +99,12 @@ def test_set_prepacked_both_ways_keeps_the_state_dict() -> None:
     assert not any(m.prepacked for m in unet.modules() if isinstance(m, Upsample))
 
 
-def test_folded_upsampling_packed() -> None:
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+def test_folded_upsampling_packed(mode) -> None:
     torch.manual_seed(4)
     up = Upsample(8)
     x = torch.randn(2, 8, 6, 5).contiguous(memory_format=CL)
-    with torch.no_grad():
+    with mode():
         want = up(x)
         set_prepacked(up, True)
         got = up(x)

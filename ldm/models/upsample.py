@@ -95,7 +95,10 @@ class Upsample(nn.Module):
         key = (weight.data_ptr(), weight._version, weight.dtype, weight.device, channels_last)
         if self._folded is None or self._folded[0] != key:
             fmt = torch.channels_last if channels_last else torch.contiguous_format
-            self._folded = (key, phase_kernels(weight.detach()).contiguous(memory_format=fmt))
+            # A normal tensor even inside inference_mode: the packed copy is keyed by the
+            # kernels' version counter, which an inference tensor lacks.
+            with torch.inference_mode(False):
+                self._folded = (key, phase_kernels(weight.detach()).contiguous(memory_format=fmt))
         return self._folded[1]
 
     def forward(self, x: Tensor, size: tuple[int, int] | None = None) -> Tensor:
