@@ -184,3 +184,25 @@ def test_remembered_stores_any_value_and_remeasures_invalid(tmp_path, monkeypatc
     assert remembered("plan", "k", measure, default="", enabled=False) == ""
     assert remembered("plan", "k", measure, default="", valid=lambda v: "c" in v) == "a;b"
     assert len(runs) == 2
+
+
+def test_load_pipeline_remembers_a_plan_per_network(tmp_path, monkeypatch) -> None:
+    import ldm
+    from ldm.pipeline import Pipeline
+    from test_inference_setup import tiny_config
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(setup, "winograd_is_faster", lambda conv, shape, device: True)
+    path = tmp_path / "tiny.safetensors"
+    Pipeline.from_config(tiny_config(), seed=1).save(path)
+    pipe = ldm.load_pipeline(path, dtype="fp32")
+    cache = json.loads((tmp_path / "cache" / "ldm" / CACHE_FILE).read_text())
+    plans = {k.split("|")[1].split()[0]: v for k, v in cache.items() if k.startswith("winograd|")}
+    assert set(plans) == {"unet", "decoder"}
+    for net, plan in ((pipe.unet, plans["unet"]), (pipe.autoencoder, plans["decoder"])):
+        layers = {name for name, m in net.named_modules() if getattr(m, "winograd_sides", ())}
+        assert layers == {entry.split("@")[0] for entry in plan.split(";")} and layers
+    # What the pipeline computes stays the direct convolution's result.
+    direct = ldm.load_pipeline(path, dtype="fp32", autotune=False)
+    z = torch.randn(1, pipe.latent_channels, 8, 8)
+    with torch.inference_mode():
+        assert rel_l2(pipe.decode_latents(z), direct.decode_latents(z)) < 1e-5

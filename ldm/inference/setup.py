@@ -2,9 +2,9 @@
 
 `load_pipeline` is what `ldm.load_pipeline` and the scripts use, so Python callers get the same
 fast path as the command line: the precision picked for the device (bf16 where the CPU does bf16
-arithmetic natively, see ldm.cpu), frozen eval-mode networks, and the convolution memory format
-and weight packing (ldm.models.prepacked) that measured faster on this machine
-(ldm.inference.autotune).
+arithmetic natively, see ldm.cpu), frozen eval-mode networks, and the convolution memory format,
+weight packing (ldm.models.prepacked) and, per fp32 layer, Winograd's algorithm
+(ldm.models.winograd) where they measured faster on this machine (ldm.inference.autotune).
 """
 from __future__ import annotations
 
@@ -81,6 +81,17 @@ def unet_call(unet: torch.nn.Module, config: UNetConfig, dtype: torch.dtype, lat
     def run() -> None:
         with torch.inference_mode():
             unet(x, t, context, **extra)
+    return run
+
+
+def decoder_call(pipe: Pipeline, latent_side: int) -> Callable[[], object]:
+    """One decode of a `latent_side` latent: what the decoder's Winograd plan times."""
+    z = torch.randn(1, pipe.latent_channels, latent_side, latent_side,
+                    generator=torch.Generator().manual_seed(0))
+
+    def run() -> None:
+        with torch.inference_mode():
+            pipe.decode_latents(z)
     return run
 
 
@@ -224,7 +235,9 @@ def prepare_pipeline(pipe: Pipeline, channels_last: bool | None = None, compile:
                      autotune: bool = True, prepacked: bool | None = None) -> Pipeline:
     """Frozen eval-mode networks in the pipeline's dtype (in place); channels_last and
     prepacked None decide per machine (choose_channels_last, choose_prepacked; the VAE follows
-    the U-Net's decisions); compile wraps the U-Net (compile_for_inference)."""
+    the U-Net's decisions); Winograd layers are chosen per network, for the U-Net at the
+    default image size and the decoder decoding it (choose_winograd); compile wraps the U-Net
+    (compile_for_inference)."""
     side = default_image_size(pipe) // pipe.downsampling_factor
     layout = choose_layout(pipe.unet, pipe.config.unet, pipe.dtype, side, pipe.device, autotune,
                            channels_last, prepacked)
@@ -233,6 +246,12 @@ def prepare_pipeline(pipe: Pipeline, channels_last: bool | None = None, compile:
     unet = unet_call(pipe.unet, pipe.config.unet, pipe.dtype, side, pipe.device)
     key = f"{decision_key(pipe.config.unet, pipe.dtype, side)} packed {layout['prepacked']}"
     choose_winograd(pipe.unet, unet, key, pipe.dtype, pipe.device, autotune)
+    a = pipe.config.autoencoder
+    key = (f"decoder {a.ch}x{a.ch_mult} z {a.embed_dim} side {side} "
+           f"{str(pipe.dtype).removeprefix('torch.')} threads {torch.get_num_threads()} "
+           f"packed {layout['prepacked']}")
+    choose_winograd(pipe.autoencoder, decoder_call(pipe, side), key, pipe.dtype, pipe.device,
+                    autotune)
     release_free_memory()  # what loading and converting freed
     if compile:
         pipe.unet = compile_for_inference(pipe.unet)
