@@ -192,6 +192,9 @@ def test_load_pipeline_remembers_a_plan_per_network(tmp_path, monkeypatch) -> No
     from test_inference_setup import tiny_config
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.setattr(setup, "winograd_is_faster", lambda conv, shape, device: True)
+    # channels_last measured "on" (NCHW layers never take Winograd), whatever the timing
+    from ldm.inference import autotune
+    monkeypatch.setattr(autotune, "fastest", lambda candidates, repeats=2: "on")
     path = tmp_path / "tiny.safetensors"
     Pipeline.from_config(tiny_config(), seed=1).save(path)
     pipe = ldm.load_pipeline(path, dtype="fp32")
