@@ -331,7 +331,8 @@ def main() -> None:
                              "fp32 U-Net layers where it measures faster on this machine, as "
                              "ldm.load_pipeline decides (here per latent size)")
     parser.add_argument("--no-autotune", dest="autotune", action="store_false",
-                        help="no measured layout: channels_last, unpacked, as with txt2img's flag")
+                        help="no measured layout: channels_last, unpacked, direct, as with txt2img's "
+                             "flag")
     parser.add_argument("--openvino", action=argparse.BooleanOptionalAction,
                         default=openvino_peer.available(),
                         help="add OpenVINO as a second peer (default: when it is installed)")

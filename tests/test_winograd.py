@@ -113,8 +113,13 @@ def test_winograd_and_packing_switch_independently() -> None:
     conv = winograd_layer({(4, 4)})
     state = {k: v.clone() for k, v in conv.state_dict().items()}
     set_prepacked(conv, True)
+    with torch.no_grad():
+        conv(torch.randn(1, 6, 5, 5).contiguous(memory_format=CL))  # direct: packed for 5x5
+    assert conv.packed_weight.shapes
+    set_winograd(conv, lambda _: {(5, 5)})
+    assert not conv.packed_weight.shapes  # Winograd's kernel replaces the packed copy
     set_prepacked(conv, False)
-    assert type(conv) is PrepackedConv2d and conv.winograd_sides == {(4, 4)}  # still Winograd
+    assert type(conv) is PrepackedConv2d and conv.winograd_sides == {(5, 5)}  # still Winograd
     assert set_winograd(conv, lambda _: ()) == 0
     assert type(conv) is nn.Conv2d  # neither: the plain module again
     assert conv.state_dict().keys() == state.keys()

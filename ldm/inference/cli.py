@@ -98,9 +98,10 @@ def parse_args(task: Task, argv: list[str] | None) -> argparse.Namespace:
                    help="VAE work in overlapping N x N latent tiles (bounded memory, seamless); 0 = one "
                         "pass; default: tiles of 64 when the latent is larger than 96 on a side")
     p.add_argument("--no-autotune", dest="autotune", action="store_false",
-                   help="do not measure the convolution layout on this machine (memory format and "
-                        "oneDNN-packed weights; first use of a model, remembered in ~/.cache/ldm): "
-                        "use channels_last, unpacked, e.g. for reproducible benchmarks")
+                   help="do not measure the convolutions on this machine (memory format, "
+                        "oneDNN-packed weights, Winograd per fp32 layer; first use of a model, "
+                        "remembered in ~/.cache/ldm): use channels_last, unpacked, direct, e.g. "
+                        "for reproducible benchmarks")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the U-Net with frozen weights (inductor); the first "
                         "call compiles (about a minute on a CPU), later steps run faster")
@@ -236,7 +237,7 @@ def load_model(args: argparse.Namespace, ckpt: Path, model_hash: str) -> "Pipeli
     dtype = getattr(torch, PRECISIONS[args.precision])
     pipe = load_pipeline(ckpt, config=args.config, device=args.device, dtype=dtype, prepare=False)
     setup_cpu(dtype=dtype)  # keep freed activations mapped between steps (glibc mallopt)
-    # Layout measured once per machine (or channels_last, unpacked with --no-autotune).
+    # Layout measured once per machine (or channels_last, unpacked, direct with --no-autotune).
     prepare_pipeline(pipe, compile=args.compile, autotune=args.autotune)
     return pipe
 

@@ -197,13 +197,18 @@ def set_winograd(module: nn.Module, sides: Callable[[nn.Conv2d], Iterable[tuple[
                  ) -> int:
     """Give every convolution Winograd's algorithm applies to (winograd_applies) the input
     sides (H, W) it should use it for, `sides(conv)`, none for off; returns how many
-    convolutions use it for at least one side."""
+    convolutions use it for at least one side. A layer keeps one transformed kernel (16/9 of
+    its weight) instead of its packed copies."""
     using = 0
     for sub in module.modules():
         if type(sub) in (nn.Conv2d, PrepackedConv2d) and winograd_applies(sub):
             sub.winograd_sides = frozenset(sides(sub))
             if not sub.winograd_sides:
                 sub._winograd = None  # free the transformed kernel
+            elif isinstance(getattr(sub, "packed_weight", None), PackedWeight):
+                # Packed copies made before (e.g. while timing the direct path) would only
+                # hold memory: they are packed again if a direct call needs them.
+                sub.packed_weight.clear()
             _set_class(sub)
             using += bool(sub.winograd_sides)
     return using
