@@ -3,6 +3,7 @@ the per-layer switch (ldm.models.prepacked) and the measured plan (ldm.inference
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
@@ -214,3 +215,21 @@ def test_load_pipeline_remembers_a_plan_per_network(tmp_path, monkeypatch) -> No
     z = torch.randn(1, pipe.latent_channels, 8, 8)
     with torch.inference_mode():
         assert rel_l2(pipe.decode_latents(z), direct.decode_latents(z)) < 1e-5
+
+
+def test_no_winograd_where_its_kernels_would_crowd_memory(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(setup, "winograd_is_faster", lambda conv, shape, device: True)
+    unet = UNetModel(TINY_UNET)
+    setup.prepare_for_inference(unet, torch.float32, channels_last=True, prepacked=True)
+    call = setup.unet_call(unet, TINY_UNET, torch.float32, 8)
+    kernels = 16 / 9 * sum(m.weight.nbytes for m in setup.conv_inputs(unet, call))
+    monkeypatch.setattr(setup, "available_memory_bytes", lambda: int(1.9 * kernels))
+    assert setup.choose_winograd(unet, call, "k", torch.float32) == 0  # over half: none
+    monkeypatch.setattr(setup, "available_memory_bytes", lambda: int(2.1 * kernels))
+    assert setup.choose_winograd(unet, call, "k", torch.float32) > 0
+    monkeypatch.setattr(setup, "available_memory_bytes", lambda: None)  # unknown: measured plan
+    assert setup.choose_winograd(unet, call, "k", torch.float32) > 0
+    monkeypatch.undo()
+    if sys.platform.startswith("linux"):
+        assert setup.available_memory_bytes() > 0

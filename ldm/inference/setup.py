@@ -165,6 +165,11 @@ def conv_inputs(net: torch.nn.Module, call: Callable[[], object]) -> dict[torch.
     return shapes
 
 
+# Winograd's transformed kernels (16/9 of each chosen layer's weight: 3.5 GB for the SD U-Net
+# in fp32) are made only while they take at most this share of the memory still available.
+WINOGRAD_MEMORY_SHARE = 0.5
+
+
 def choose_winograd(net: torch.nn.Module, call: Callable[[], object], key: str,
                     dtype: torch.dtype, device: str | torch.device = "cpu",
                     autotune: bool = True) -> int:
@@ -172,7 +177,9 @@ def choose_winograd(net: torch.nn.Module, call: Callable[[], object], key: str,
     in `call` (one inference call): each layer timed both ways once per CPU and `key` (what
     the inputs depend on), the plan remembered and added to the sides decided before; other
     input sides stay direct. Only fp32 channels_last CPU calls take it (ldm.models.winograd);
-    without autotuning every layer is direct. Returns how many layers use it."""
+    without autotuning every layer is direct, and so is every layer when the transformed
+    kernels would take more than WINOGRAD_MEMORY_SHARE of the memory available now. Returns
+    how many layers use it."""
     if not autotune or dtype != torch.float32 or torch.device(device).type != "cpu":
         return set_winograd(net, lambda conv: ())
 
@@ -193,8 +200,24 @@ def choose_winograd(net: torch.nn.Module, call: Callable[[], object], key: str,
         name, side = entry.rsplit("@", 1)
         sides.setdefault(name, set()).add(tuple(int(v) for v in side.split("x")))
     names = {module: name for name, module in net.named_modules()}
+    kernels = sum(16 / 9 * m.weight.nbytes for m, name in names.items() if name in sides)
+    available = available_memory_bytes()
+    if available is not None and kernels > WINOGRAD_MEMORY_SHARE * available:
+        return set_winograd(net, lambda conv: ())  # speed is not worth running out of memory
     return set_winograd(net, lambda conv: getattr(conv, "winograd_sides", frozenset())
                         | sides.get(names[conv], set()))
+
+
+def available_memory_bytes() -> int | None:
+    """MemAvailable of /proc/meminfo (Linux), None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def winograd_is_faster(conv: torch.nn.Module, shape: torch.Size,
