@@ -182,10 +182,10 @@ def choose_winograd(net: torch.nn.Module, call: Callable[[], object], key: str,
     how many layers use it."""
     if not autotune or dtype != torch.float32 or torch.device(device).type != "cpu":
         return set_winograd(net, lambda conv: ())
+    names = {module: name for name, module in net.named_modules()}
 
     def measure() -> str:
         plan: list[str] = []
-        names = {module: name for name, module in net.named_modules()}
         faster: dict[tuple, bool] = {}  # per layer shape: layers repeat in a U-Net
         for conv, shape in conv_inputs(net, call).items():
             shape_key = (conv.in_channels, conv.out_channels, *shape)
@@ -199,7 +199,6 @@ def choose_winograd(net: torch.nn.Module, call: Callable[[], object], key: str,
     for entry in filter(None, plan.split(";")):
         name, side = entry.rsplit("@", 1)
         sides.setdefault(name, set()).add(tuple(int(v) for v in side.split("x")))
-    names = {module: name for name, module in net.named_modules()}
     kernels = sum(16 / 9 * m.weight.nbytes for m, name in names.items() if name in sides)
     available = available_memory_bytes()
     if available is not None and kernels > WINOGRAD_MEMORY_SHARE * available:
