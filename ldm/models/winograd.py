@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+
 def _g_transform(g: Tensor, dim: int) -> Tensor:
     """G applied along `dim` (size 3 -> 4): g0, (g0 + g1 + g2) / 2, (g0 - g1 + g2) / 2, g2, the
     interpolation points 0, 1, -1 and infinity."""
