@@ -95,11 +95,15 @@ def decoder_call(pipe: Pipeline, latent_side: int) -> Callable[[], object]:
     return run
 
 
+def run_key(dtype: torch.dtype) -> str:
+    """What every measured decision depends on besides the CPU and network: dtype, threads."""
+    return f"{str(dtype).removeprefix('torch.')} threads {torch.get_num_threads()}"
+
+
 def decision_key(config: UNetConfig, dtype: torch.dtype, latent_side: int) -> str:
     """What a layout decision depends on besides the CPU: U-Net width, input, dtype, threads."""
     return (f"unet {config.model_channels}x{config.channel_mult} in {config.in_channels} "
-            f"ctx {config.context_dim} side {latent_side} {str(dtype).removeprefix('torch.')} "
-            f"threads {torch.get_num_threads()}")
+            f"ctx {config.context_dim} side {latent_side} {run_key(dtype)}")
 
 
 def choose_channels_last(unet: torch.nn.Module, config: UNetConfig, dtype: torch.dtype,
@@ -269,8 +273,7 @@ def prepare_pipeline(pipe: Pipeline, channels_last: bool | None = None, compile:
     key = f"{decision_key(pipe.config.unet, pipe.dtype, side)} packed {layout['prepacked']}"
     choose_winograd(pipe.unet, unet, key, pipe.dtype, pipe.device, autotune)
     a = pipe.config.autoencoder
-    key = (f"decoder {a.ch}x{a.ch_mult} z {a.embed_dim} side {side} "
-           f"{str(pipe.dtype).removeprefix('torch.')} threads {torch.get_num_threads()} "
+    key = (f"decoder {a.ch}x{a.ch_mult} z {a.embed_dim} side {side} {run_key(pipe.dtype)} "
            f"packed {layout['prepacked']}")
     choose_winograd(pipe.autoencoder, decoder_call(pipe, side), key, pipe.dtype, pipe.device,
                     autotune)
