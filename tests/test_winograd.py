@@ -47,6 +47,27 @@ def test_winograd_matches_direct(shape: tuple[int, ...], c_out: int, bias: bool,
     assert rel_l2(got, want) < 2e-6  # the direct fp32 convolution: about 1e-6
 
 
+@pytest.mark.parametrize("band_bytes, shape, bands", [
+    (1, (2, 6, 9, 11), 10),  # one tile row per band, odd sides: the last band has the crop row
+    (16 * 6 * 8 * 4 * 3, (2, 6, 13, 12), 6),  # three tile rows per band, the last band shorter
+    (16 * 8 * 8 * 4 * 11, (5, 6, 9, 16), 3),  # two whole images per band, the last one alone
+])
+def test_winograd_in_bands_matches_direct(monkeypatch: pytest.MonkeyPatch, band_bytes: int,
+                                          shape: tuple[int, ...], bands: int) -> None:
+    from ldm.models import winograd
+    monkeypatch.setattr(winograd, "BAND_BYTES", band_bytes)
+    calls = []
+    band = winograd._band
+    monkeypatch.setattr(winograd, "_band", lambda *args: calls.append(1) or band(*args))
+    torch.manual_seed(2)
+    x = torch.randn(shape).contiguous(memory_format=CL)
+    weight = torch.randn(8, 6, 3, 3) / 54 ** 0.5
+    b = torch.randn(8)
+    got = winograd_conv2d(x, transform_weight(weight), b)
+    assert len(calls) == bands
+    assert rel_l2(got, direct(x, weight, b)) < 2e-6
+
+
 def test_winograd_on_a_strided_view() -> None:
     torch.manual_seed(1)
     big = torch.randn(2, 12, 10, 14).contiguous(memory_format=CL)

@@ -11,16 +11,23 @@ outputs, against 36 for the direct form (2.25x fewer). The transforms only add a
 relative against fp64, oneDNN's direct kernels 1e-6).
 
 What it costs instead: the transformed input and the 16 products are 4x the size of the input
-and output. Where the convolution's arithmetic dominates (many channels, few pixels) that is
-cheap; at 320 channels and 64x64 pixels the transforms' memory passes eat most of the gain.
-So whether a layer uses it is measured per layer and machine (ldm.inference.setup), and only
-fp32 inference calls on the CPU take it: bf16 would round the transformed values, and oneDNN's
-bf16 convolutions are the faster path on CPUs with bf16 arithmetic.
+and output, and the transforms are several memory passes; working in bands (BAND_BYTES) keeps
+those in cache. Whether a layer uses it is measured per layer and machine (ldm.inference.setup),
+and only fp32 inference calls on the CPU take it: bf16 would round the transformed values, and
+oneDNN's bf16 convolutions are the faster path on CPUs with bf16 arithmetic.
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+# The transformed tiles and their products are 4x the size of the input and output. Worked in
+# bands of tile rows whose largest temporary stays under this size, they come from the heap
+# (fp32 blocks up to 32 MiB, ldm.runtime.tune_allocator) instead of fresh mappings that
+# page-fault on every call, and stay in cache between the passes: at 320 channels and 64x64
+# pixels that makes Winograd 0.6x of the direct convolution's time instead of 1.0x
+# (docs/performance.md).
+BAND_BYTES = 16 * 2**20
 
 
 def _g_transform(g: Tensor, dim: int) -> Tensor:
@@ -36,27 +43,6 @@ def transform_weight(weight: Tensor) -> Tensor:
     value rounded twice: about 1e-7 relative)."""
     u = _g_transform(_g_transform(weight.detach().float(), 2), 3)  # (C_out, C_in, 4, 4)
     return u.permute(2, 3, 1, 0).reshape(16, weight.shape[1], weight.shape[0]).contiguous()
-
-
-def _input_transform(x: Tensor, tiles_h: int, tiles_w: int) -> Tensor:
-    """B^T d B of every 4x4 tile (stride 2) of x zero-padded by one pixel (as padding=1):
-    (4, 4, N, tiles_h, tiles_w, C), channels innermost."""
-    n, c, h, w = x.shape
-    padded = x.new_empty(n, 2 * tiles_h + 2, 2 * tiles_w + 2, c)
-    padded[:, 0].zero_()
-    padded[:, h + 1:].zero_()  # the bottom pad row, and one more when h is odd
-    padded[:, :, 0].zero_()
-    padded[:, :, w + 1:].zero_()
-    padded[:, 1:h + 1, 1:w + 1].copy_(x.permute(0, 2, 3, 1))
-    # B^T applied to the tile rows d0..d3: (d0 - d2, d1 + d2, d2 - d1, d1 - d3).
-    d = [padded[:, k:k + 2 * tiles_h - 1:2] for k in range(4)]
-    rows = x.new_empty(4, n, tiles_h, 2 * tiles_w + 2, c)
-    _b_transpose(d, rows)
-    # ... and B to the columns, all four transformed rows at once.
-    d = [rows[:, :, :, k:k + 2 * tiles_w - 1:2] for k in range(4)]
-    v = x.new_empty(4, 4, n, tiles_h, tiles_w, c)
-    _b_transpose(d, v.transpose(0, 1))
-    return v
 
 
 def _b_transpose(d: list[Tensor], out: Tensor) -> None:
@@ -81,17 +67,48 @@ def winograd_conv2d(x: Tensor, u: Tensor, bias: Tensor | None) -> Tensor:
     channels_last, and so is the input best (it is read as N, H, W, C)."""
     n, c, h, w = x.shape
     tiles_h, tiles_w = (h + 1) // 2, (w + 1) // 2
-    c_out = u.shape[2]
-    v = _input_transform(x, tiles_h, tiles_w)
+    padded = x.new_empty(n, 2 * tiles_h + 2, 2 * tiles_w + 2, c)
+    padded[:, 0].zero_()
+    padded[:, h + 1:].zero_()  # the bottom pad row, and one more when h is odd
+    padded[:, :, 0].zero_()
+    padded[:, :, w + 1:].zero_()
+    padded[:, 1:h + 1, 1:w + 1].copy_(x.permute(0, 2, 3, 1))
+    y = x.new_empty(n, 2 * tiles_h, 2 * tiles_w, u.shape[2])
+    row_bytes = 16 * tiles_w * max(c, u.shape[2]) * x.element_size()
+    rows = max(1, BAND_BYTES // row_bytes)
+    if rows >= tiles_h:  # whole images per band
+        images = rows // tiles_h
+        for i in range(0, n, images):
+            _band(padded[i:i + images], u, bias, y[i:i + images])
+    else:
+        for i in range(n):
+            for r in range(0, tiles_h, rows):
+                r_end = min(r + rows, tiles_h)
+                _band(padded[i:i + 1, 2 * r:2 * r_end + 2], u, bias, y[i:i + 1, 2 * r:2 * r_end])
+    if (2 * tiles_h, 2 * tiles_w) != (h, w):
+        y = y[:, :h, :w].contiguous()
+    return y.permute(0, 3, 1, 2)
+
+
+def _band(padded: Tensor, u: Tensor, bias: Tensor | None, y: Tensor) -> None:
+    """One band of tile rows: padded (N, 2 T_h + 2, 2 T_w + 2, C_in) -> y (N, 2 T_h, 2 T_w,
+    C_out), both channels innermost."""
+    n, _, _, c = padded.shape
+    _, tiles_h, tiles_w, c_out = y.shape
+    tiles_h, tiles_w = tiles_h // 2, tiles_w // 2
+    # B^T applied to the tile rows d0..d3 (stride 2) ...
+    d = [padded[:, k:k + 2 * tiles_h - 1:2] for k in range(4)]
+    rows = padded.new_empty(4, n, tiles_h, 2 * tiles_w + 2, c)
+    _b_transpose(d, rows)
+    # ... and B to the columns, all four transformed rows at once: (4, 4, N, T_h, T_w, C).
+    d = [rows[:, :, :, k:k + 2 * tiles_w - 1:2] for k in range(4)]
+    v = padded.new_empty(4, 4, n, tiles_h, tiles_w, c)
+    _b_transpose(d, v.transpose(0, 1))
     m = torch.bmm(v.view(16, -1, c), u).view(4, 4, n, tiles_h, tiles_w, c_out)
     if bias is not None:
         m[1, 1] += bias  # A^T M A adds M[1, 1] into all four outputs of a tile with weight 1
     # A^T over the rows i, then A over the columns j, written straight into the 2x2 phases.
-    half = x.new_empty(2, 4, n, tiles_h, tiles_w, c_out)
+    half = padded.new_empty(2, 4, n, tiles_h, tiles_w, c_out)
     _a_transpose(m, half)
-    y = x.new_empty(n, 2 * tiles_h, 2 * tiles_w, c_out)
     phases = y.view(n, tiles_h, 2, tiles_w, 2, c_out).permute(2, 4, 0, 1, 3, 5)
     _a_transpose(half.transpose(0, 1), phases.transpose(0, 1))
-    if (2 * tiles_h, 2 * tiles_w) != (h, w):
-        y = y[:, :h, :w].contiguous()
-    return y.permute(0, 3, 1, 2)
