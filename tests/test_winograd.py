@@ -90,7 +90,8 @@ def test_which_convolutions_it_applies_to() -> None:
     assert winograd_applies(nn.Conv2d(4, 4, 3, padding=1))
     for conv in (nn.Conv2d(4, 4, 3, padding=1, stride=2), nn.Conv2d(4, 4, 1),
                  nn.Conv2d(4, 4, 3, padding=2, dilation=2), nn.Conv2d(4, 4, 3, padding=1, groups=2),
-                 nn.Conv2d(4, 4, 3, padding=0), nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"),
+                 nn.Conv2d(4, 4, 3, padding=0),
+                 nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"),
                  nn.Linear(4, 4)):
         assert not winograd_applies(conv)
 
@@ -200,6 +201,16 @@ def test_winograd_is_faster_leaves_the_layer_as_it_was() -> None:
     conv = winograd_layer({(3, 3)})
     setup.winograd_is_faster(conv, torch.Size([1, 6, 4, 4]), "cpu")
     assert conv.winograd_sides == {(3, 3)}
+
+
+@pytest.mark.parametrize("on, off, chosen", [(0.8, 1.0, True), (0.9, 1.0, False),
+                                             (1.2, 1.0, False)])
+def test_winograd_needs_a_clear_gain(monkeypatch: pytest.MonkeyPatch, on: float, off: float,
+                                     chosen: bool) -> None:
+    """A few percent faster is not worth a transformed kernel of 16/9 the weight."""
+    monkeypatch.setattr(setup, "best_times", lambda candidates: {"on": on, "off": off})
+    conv = winograd_layer({(3, 3)})
+    assert setup.winograd_is_faster(conv, torch.Size([1, 6, 4, 4]), "cpu") == chosen
 
 
 def test_remembered_stores_any_value_and_remeasures_invalid(tmp_path, monkeypatch) -> None:

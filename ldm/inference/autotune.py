@@ -43,9 +43,9 @@ def _store(path: Path, data: dict[str, str]) -> None:
         pass
 
 
-def fastest(candidates: dict[str, Callable[[], object]], repeats: int = 2) -> str:
-    """Name of the candidate with the smallest best time, calls alternating (after one warm-up
-    each), so a burst of machine noise does not favour one side."""
+def best_times(candidates: dict[str, Callable[[], object]], repeats: int = 2) -> dict[str, float]:
+    """Each candidate's best time in seconds, calls alternating (after one warm-up each), so a
+    burst of machine noise does not favour one side."""
     for fn in candidates.values():
         fn()
     best = {name: float("inf") for name in candidates}
@@ -54,6 +54,12 @@ def fastest(candidates: dict[str, Callable[[], object]], repeats: int = 2) -> st
             start = time.perf_counter()
             fn()
             best[name] = min(best[name], time.perf_counter() - start)
+    return best
+
+
+def fastest(candidates: dict[str, Callable[[], object]], repeats: int = 2) -> str:
+    """Name of the candidate with the smallest best_times."""
+    best = best_times(candidates, repeats)
     return min(best, key=best.get)
 
 

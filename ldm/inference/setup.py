@@ -15,7 +15,7 @@ import torch
 
 from ldm.config import ModelConfig, UNetConfig
 from ldm.cpu import cpu_info
-from ldm.inference.autotune import decide, fastest, remembered
+from ldm.inference.autotune import best_times, decide, fastest, remembered
 from ldm.inference.options import default_image_size
 from ldm.models.prepacked import available as prepacking_available
 from ldm.models.prepacked import set_prepacked, set_winograd, winograd_applies
@@ -152,7 +152,8 @@ def choose_prepacked(unet: torch.nn.Module, config: UNetConfig, dtype: torch.dty
     return choice == "on"
 
 
-def conv_inputs(net: torch.nn.Module, call: Callable[[], object]) -> dict[torch.nn.Module, torch.Size]:
+def conv_inputs(net: torch.nn.Module,
+                call: Callable[[], object]) -> dict[torch.nn.Module, torch.Size]:
     """The channels_last input shape of every convolution Winograd's algorithm applies to, in
     one call."""
     shapes: dict[torch.nn.Module, torch.Size] = {}
@@ -172,6 +173,11 @@ def conv_inputs(net: torch.nn.Module, call: Callable[[], object]) -> dict[torch.
 # Winograd's transformed kernels (16/9 of each chosen layer's weight: 3.5 GB for the SD U-Net
 # in fp32) are made only while they take at most this share of the memory still available.
 WINOGRAD_MEMORY_SHARE = 0.5
+# A layer takes Winograd only where it needs at most this share of the direct convolution's
+# time: its transformed kernel costs 16/9 of its weight in memory, which a few percent do not
+# pay for (and a few percent are within the machine's noise). At 512 px this leaves the SD
+# U-Net's 8x8-pixel layers (1280 channels, a third of its weights; 0.7-0.85x) direct.
+WINOGRAD_MAX_RATIO = 0.85
 
 
 def choose_winograd(net: torch.nn.Module, call: Callable[[], object], key: str,
@@ -225,8 +231,8 @@ def available_memory_bytes() -> int | None:
 
 def winograd_is_faster(conv: torch.nn.Module, shape: torch.Size,
                        device: str | torch.device) -> bool:
-    """Time one layer on a random channels_last input both ways (calls alternating); the
-    layer is left as it was."""
+    """Whether one layer on a random channels_last input takes at most WINOGRAD_MAX_RATIO of
+    the direct time with Winograd (calls alternating); the layer is left as it was."""
     x = torch.randn(shape, device=device).contiguous(memory_format=torch.channels_last)
     before = getattr(conv, "winograd_sides", frozenset())
     on = before | {(shape[-2], shape[-1])}
@@ -238,9 +244,9 @@ def winograd_is_faster(conv: torch.nn.Module, shape: torch.Size,
             with torch.inference_mode():
                 conv(x)
         return run
-    faster = fastest({"on": timed(on), "off": timed(on - {(shape[-2], shape[-1])})}) == "on"
+    times = best_times({"on": timed(on), "off": timed(on - {(shape[-2], shape[-1])})})
     set_winograd(conv, lambda _: before)
-    return faster
+    return times["on"] <= WINOGRAD_MAX_RATIO * times["off"]
 
 
 def choose_layout(unet: torch.nn.Module, config: UNetConfig, dtype: torch.dtype,
