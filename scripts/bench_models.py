@@ -327,8 +327,9 @@ def main() -> None:
                         help="force ours to use (or not) oneDNN-packed convolution weights; "
                              "default: what ldm.load_pipeline measures on this machine")
     parser.add_argument("--no-winograd", dest="winograd", action="store_false",
-                        help="every convolution direct; default: Winograd's F(2x2, 3x3) for the "
-                             "fp32 U-Net layers where it measures faster on this machine, as "
+                        help="every convolution direct; default: Winograd's F(2x2, 3x3) or "
+                             "F(4x4, 3x3) for the fp32 U-Net layers where it measures clearly "
+                             "faster on this machine, as "
                              "ldm.load_pipeline decides (here per latent size)")
     parser.add_argument("--no-autotune", dest="autotune", action="store_false",
                         help="no measured layout: channels_last, unpacked, direct, as with txt2img's "

@@ -12,8 +12,11 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from ldm.cpu import cpu_info
+
+K = TypeVar("K")
 
 CACHE_FILE = "autotune.json"
 
@@ -43,7 +46,7 @@ def _store(path: Path, data: dict[str, str]) -> None:
         pass
 
 
-def best_times(candidates: dict[str, Callable[[], object]], repeats: int = 2) -> dict[str, float]:
+def best_times(candidates: dict[K, Callable[[], object]], repeats: int = 2) -> dict[K, float]:
     """Each candidate's best time in seconds, calls alternating (after one warm-up each), so a
     burst of machine noise does not favour one side."""
     for fn in candidates.values():

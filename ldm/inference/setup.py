@@ -8,8 +8,10 @@ weight packing (ldm.models.prepacked) and, per fp32 layer, Winograd's algorithm
 """
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from pathlib import Path
+from types import MappingProxyType
 
 import torch
 
@@ -19,6 +21,7 @@ from ldm.inference.autotune import best_times, decide, fastest, remembered
 from ldm.inference.options import default_image_size
 from ldm.models.prepacked import available as prepacking_available
 from ldm.models.prepacked import set_prepacked, set_winograd, winograd_applies
+from ldm.models.winograd import TILES
 from ldm.pipeline import Pipeline
 from ldm.runtime import release_free_memory
 
@@ -170,51 +173,61 @@ def conv_inputs(net: torch.nn.Module,
     return shapes
 
 
-# Winograd's transformed kernels (16/9 of each chosen layer's weight: 3.5 GB for the SD U-Net
-# in fp32) are made only while they take at most this share of the memory still available.
+# Winograd's transformed kernels ((m + 2)^2 / 9 of each chosen layer's weight: 1.5-4 GB for
+# the SD U-Net in fp32) are made only while they take at most this share of the memory still
+# available.
 WINOGRAD_MEMORY_SHARE = 0.5
-# A layer takes Winograd only where it needs at most this share of the direct convolution's
-# time: its transformed kernel costs 16/9 of its weight in memory, which a few percent do not
-# pay for (and a few percent are within the machine's noise). At 512 px this leaves the SD
-# U-Net's 8x8-pixel layers (1280 channels, a third of its weights; 0.7-0.85x) direct.
+# Each step up the ladder direct -> F(2x2) -> F(4x4) costs memory (a transformed kernel of 16/9,
+# then 4x the weight), so a layer takes a step only where it needs at most this share of the
+# time of the step below: a few percent do not pay for the memory (and are within the
+# machine's noise). At 512 px this leaves the SD U-Net's 8x8-pixel layers (1280 channels, a
+# third of its weights) direct or on F(2x2).
 WINOGRAD_MAX_RATIO = 0.85
 
 
 def choose_winograd(net: torch.nn.Module, call: Callable[[], object], key: str,
                     dtype: torch.dtype, device: str | torch.device = "cpu",
                     autotune: bool = True) -> int:
-    """Winograd's F(2x2, 3x3) or the direct convolution, per 3x3 layer of `net` at its input
-    in `call` (one inference call): each layer timed both ways once per CPU and `key` (what
-    the inputs depend on), the plan remembered and added to the sides decided before; other
-    input sides stay direct. Only fp32 channels_last CPU calls take it (ldm.models.winograd);
-    without autotuning every layer is direct, and so is every layer when the transformed
-    kernels would take more than WINOGRAD_MEMORY_SHARE of the memory available now. Returns
-    how many layers use it."""
+    """Winograd's F(m x m, 3x3) (m = 2 or 4) or the direct convolution, per 3x3 layer of `net`
+    at its input in `call` (one inference call): each layer timed every way once per CPU and
+    `key` (what the inputs depend on, winograd_tile), the plan remembered and added to the
+    sides decided before; other input sides stay direct. Only fp32 channels_last CPU calls take
+    it (ldm.models.winograd); without autotuning every layer is direct, and so is every layer
+    when the transformed kernels would take more than WINOGRAD_MEMORY_SHARE of the memory
+    available now. Returns how many layers use it."""
     if not autotune or dtype != torch.float32 or torch.device(device).type != "cpu":
-        return set_winograd(net, lambda conv: ())
+        return set_winograd(net, lambda conv: {})
     names = {module: name for name, module in net.named_modules()}
 
     def measure() -> str:
         plan: list[str] = []
-        faster: dict[tuple, bool] = {}  # per layer shape: layers repeat in a U-Net
+        tiles: dict[tuple, int | None] = {}  # per layer shape: layers repeat in a U-Net
         for conv, shape in conv_inputs(net, call).items():
             shape_key = (conv.in_channels, conv.out_channels, *shape)
-            if shape_key not in faster:
-                faster[shape_key] = winograd_is_faster(conv, shape, device)
-            if faster[shape_key]:
-                plan.append(f"{names[conv]}@{shape[-2]}x{shape[-1]}")
+            if shape_key not in tiles:
+                tiles[shape_key] = winograd_tile(conv, shape, device)
+            if tiles[shape_key] is not None:
+                plan.append(f"{names[conv]}@{shape[-2]}x{shape[-1]}:{tiles[shape_key]}")
         return ";".join(plan)
-    plan = remembered("winograd", key, measure, default="")
-    sides: dict[str, set[tuple[int, int]]] = {}
+    plan = remembered("winograd", key, measure, default="", valid=_is_plan)
+    chosen: dict[str, dict[tuple[int, int], int]] = {}
     for entry in filter(None, plan.split(";")):
-        name, side = entry.rsplit("@", 1)
-        sides.setdefault(name, set()).add(tuple(int(v) for v in side.split("x")))
-    kernels = sum(16 / 9 * m.weight.nbytes for m, name in names.items() if name in sides)
+        name, side_tile = entry.rsplit("@", 1)
+        side, m = side_tile.split(":")
+        chosen.setdefault(name, {})[tuple(int(v) for v in side.split("x"))] = int(m)
+    kernels = sum((m + 2) ** 2 / 9 * conv.weight.nbytes for conv, name in names.items()
+                  for m in set(chosen.get(name, {}).values()))
     available = available_memory_bytes()
     if available is not None and kernels > WINOGRAD_MEMORY_SHARE * available:
-        return set_winograd(net, lambda conv: ())  # speed is not worth running out of memory
-    return set_winograd(net, lambda conv: getattr(conv, "winograd_sides", frozenset())
-                        | sides.get(names[conv], set()))
+        return set_winograd(net, lambda conv: {})  # speed is not worth running out of memory
+    return set_winograd(net, lambda conv: {**getattr(conv, "winograd_tiles", {}),
+                                           **chosen.get(names[conv], {})})
+
+
+def _is_plan(plan: str) -> bool:
+    """A remembered plan in the current format: "name@HxW:m" entries joined by ";"."""
+    return all(re.fullmatch(r"[\w.]+@\d+x\d+:\d+", entry) is not None
+               for entry in filter(None, plan.split(";")))
 
 
 def available_memory_bytes() -> int | None:
@@ -229,24 +242,32 @@ def available_memory_bytes() -> int | None:
     return None
 
 
-def winograd_is_faster(conv: torch.nn.Module, shape: torch.Size,
-                       device: str | torch.device) -> bool:
-    """Whether one layer on a random channels_last input takes at most WINOGRAD_MAX_RATIO of
-    the direct time with Winograd (calls alternating); the layer is left as it was."""
+def winograd_tile(conv: torch.nn.Module, shape: torch.Size,
+                  device: str | torch.device) -> int | None:
+    """The tile side m one layer should use on a channels_last input of `shape`, None for the
+    direct convolution: each way timed on a random input (calls alternating), a larger tile
+    taken only for WINOGRAD_MAX_RATIO of the time of the choice below it. The layer is left as
+    it was."""
     x = torch.randn(shape, device=device).contiguous(memory_format=torch.channels_last)
-    before = getattr(conv, "winograd_sides", frozenset())
-    on = before | {(shape[-2], shape[-1])}
-    set_winograd(conv, lambda _: on)  # a PrepackedConv2d now, even if it was plain
+    side = (shape[-2], shape[-1])
+    before = dict(getattr(conv, "winograd_tiles", {}))
+    set_winograd(conv, lambda _: {**before, side: TILES[0]})  # a PrepackedConv2d now
 
-    def timed(sides: frozenset[tuple[int, int]]) -> Callable[[], None]:
+    def timed(m: int | None) -> Callable[[], None]:
+        tiles = MappingProxyType({k: v for k, v in {**before, side: m}.items() if v is not None})
+
         def run() -> None:
-            conv.winograd_sides = sides  # not set_winograd: that drops the transformed kernel
+            conv.winograd_tiles = tiles  # not set_winograd: that would drop kernels
             with torch.inference_mode():
                 conv(x)
         return run
-    times = best_times({"on": timed(on), "off": timed(on - {(shape[-2], shape[-1])})})
+    times = best_times({m: timed(m) for m in (None, *TILES)})
     set_winograd(conv, lambda _: before)
-    return times["on"] <= WINOGRAD_MAX_RATIO * times["off"]
+    choice = None
+    for m in TILES:
+        if times[m] <= WINOGRAD_MAX_RATIO * times[choice]:
+            choice = m
+    return choice
 
 
 def choose_layout(unet: torch.nn.Module, config: UNetConfig, dtype: torch.dtype,

@@ -1,5 +1,5 @@
 """Convolutions whose CPU inference calls use a oneDNN weight packed once, not on every call,
-or Winograd's F(2x2, 3x3) algorithm (ldm.models.winograd), each switched on per module.
+or Winograd's F(m x m, 3x3) algorithm (ldm.models.winograd), each switched on per module.
 
 Eager `F.conv2d` on the CPU hands oneDNN the weight in PyTorch's plain layout, and oneDNN
 reorders it into its blocked layout on every call: for the SD U-Net that is gigabytes of
@@ -15,17 +15,19 @@ CUDA, NCHW activations, a CPU without oneDNN's bf16 convolutions) runs the plain
 Packed copies are rebuilt when the weight changes (in-place update, dtype, device, memory
 format); each costs one more copy of the convolution weights in memory (one per input shape,
 at most two shapes). Winograd takes the same calls in fp32, for the input sides (H, W) a module
-was told to use it for (set_winograd; the decision is measured per layer, ldm.inference.setup),
-and keeps one transformed kernel per module (16/9 the weight's size).
+was told to use it for, with the tile side m told for each (set_winograd; the decision is
+measured per layer, ldm.inference.setup), and keeps one transformed kernel per tile side it
+uses ((m + 2)^2 / 9 the weight's size).
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from types import MappingProxyType
 
 import torch
 from torch import Tensor, nn
 
-from ldm.models.winograd import transform_weight, winograd_conv2d
+from ldm.models.winograd import TILES, transform_weight, winograd_conv2d
 
 _WeightKey = tuple[int, int, torch.dtype]
 
@@ -114,20 +116,22 @@ class PackedWeight:
 
 class PrepackedConv2d(nn.Conv2d):
     """nn.Conv2d (same parameters and state-dict keys) whose eligible calls use a packed
-    weight (`packing`) or, for fp32 inputs of the sides in `winograd_sides`, Winograd's
-    algorithm. Modules become one through `set_prepacked` or `set_winograd` (a class swap, so
-    models keep building plain nn.Conv2d and checkpoints never see the difference)."""
+    weight (`packing`) or, for fp32 inputs of the sides in `winograd_tiles` (side -> tile
+    side m), Winograd's algorithm. Modules become one through `set_prepacked` or
+    `set_winograd` (a class swap, so models keep building plain nn.Conv2d and checkpoints never
+    see the difference)."""
 
     packed_weight: PackedWeight
     packing: bool = False
-    winograd_sides: frozenset[tuple[int, int]] = frozenset()
-    _winograd: tuple[_WeightKey, Tensor] | None = None
+    winograd_tiles: Mapping[tuple[int, int], int] = MappingProxyType({})
+    _winograd: Mapping[int, tuple[_WeightKey, Tensor]] = MappingProxyType({})
 
     def forward(self, x: Tensor) -> Tensor:
         if (self.padding_mode == "zeros" and not isinstance(self.padding, str)
                 and can_pack(x, self.weight)):
-            if x.dtype == torch.float32 and tuple(x.shape[-2:]) in self.winograd_sides:
-                u = self._winograd_weight()
+            m = self.winograd_tiles.get(tuple(x.shape[-2:]))
+            if m is not None and x.dtype == torch.float32:
+                u = self._winograd_weight(m)
                 if u is not None:
                     return winograd_conv2d(x, u, self.bias)
             if self.packing:
@@ -138,19 +142,19 @@ class PrepackedConv2d(nn.Conv2d):
                                          self.dilation, self.groups)
         return super().forward(x)
 
-    def _winograd_weight(self) -> Tensor | None:
-        """The transformed kernel, rebuilt when the weight's values change; None for an
-        inference-tensor weight (an in-place update could not be seen)."""
+    def _winograd_weight(self, m: int) -> Tensor | None:
+        """The kernel transformed for tile side m, rebuilt when the weight's values change;
+        None for an inference-tensor weight (an in-place update could not be seen)."""
         key = weight_key(self.weight)
         if key is None:
             return None
-        if self._winograd is None or self._winograd[0] != key:
-            self._winograd = key, transform_weight(self.weight)
-        return self._winograd[1]
+        if m not in self._winograd or self._winograd[m][0] != key:
+            self._winograd = {**self._winograd, m: (key, transform_weight(self.weight, m))}
+        return self._winograd[m][1]
 
 
 def winograd_applies(conv: nn.Module) -> bool:
-    """Whether Winograd's F(2x2, 3x3) computes this convolution: 3x3, stride 1, zero padding
+    """Whether Winograd's F(m x m, 3x3) computes this convolution: 3x3, stride 1, zero padding
     1, no dilation or groups."""
     return (isinstance(conv, nn.Conv2d) and conv.kernel_size == (3, 3) and conv.stride == (1, 1)
             and conv.padding == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1
@@ -159,7 +163,7 @@ def winograd_applies(conv: nn.Module) -> bool:
 
 def _set_class(conv: nn.Conv2d) -> None:
     """PrepackedConv2d while a fast path is on, plain nn.Conv2d otherwise."""
-    if getattr(conv, "packing", False) or getattr(conv, "winograd_sides", ()):
+    if getattr(conv, "packing", False) or getattr(conv, "winograd_tiles", ()):
         conv.__class__ = PrepackedConv2d
         if not isinstance(getattr(conv, "packed_weight", None), PackedWeight):
             conv.packed_weight = PackedWeight()
@@ -193,22 +197,26 @@ def set_prepacked(module: nn.Module, enabled: bool, drop: bool = True) -> int:
     return changed
 
 
-def set_winograd(module: nn.Module, sides: Callable[[nn.Conv2d], Iterable[tuple[int, int]]]
-                 ) -> int:
+def set_winograd(module: nn.Module,
+                 tiles: Callable[[nn.Conv2d], Mapping[tuple[int, int], int]]) -> int:
     """Give every convolution Winograd's algorithm applies to (winograd_applies) the input
-    sides (H, W) it should use it for, `sides(conv)`, none for off; returns how many
-    convolutions use it for at least one side. A layer keeps one transformed kernel (16/9 of
-    its weight) instead of its packed copies."""
+    sides (H, W) it should use it for, each with its tile side m: `tiles(conv)`, empty for
+    off; returns how many convolutions use it for at least one side. A layer keeps a
+    transformed kernel per tile side in use instead of its packed copies."""
     using = 0
     for sub in module.modules():
         if type(sub) in (nn.Conv2d, PrepackedConv2d) and winograd_applies(sub):
-            sub.winograd_sides = frozenset(sides(sub))
-            if not sub.winograd_sides:
-                sub._winograd = None  # free the transformed kernel
-            elif isinstance(getattr(sub, "packed_weight", None), PackedWeight):
+            chosen = dict(tiles(sub))
+            if any(m not in TILES for m in chosen.values()):
+                raise ValueError(f"Winograd tile sides must be in {TILES}, got {chosen}")
+            sub.winograd_tiles = MappingProxyType(chosen)
+            # Kernels of tile sides no longer used are freed.
+            sub._winograd = {m: k for m, k in getattr(sub, "_winograd", {}).items()
+                             if m in chosen.values()}
+            if chosen and isinstance(getattr(sub, "packed_weight", None), PackedWeight):
                 # Packed copies made before (e.g. while timing the direct path) would only
                 # hold memory: they are packed again if a direct call needs them.
                 sub.packed_weight.clear()
             _set_class(sub)
-            using += bool(sub.winograd_sides)
+            using += bool(chosen)
     return using

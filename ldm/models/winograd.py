@@ -1,114 +1,145 @@
-"""3x3 convolutions by Winograd's minimal filtering F(2x2, 3x3) (Lavin and Gray, "Fast
-Algorithms for Convolutional Neural Networks", 2016).
+"""3x3 convolutions by Winograd's minimal filtering F(m x m, 3x3), m = 2 or 4 (Lavin and Gray,
+"Fast Algorithms for Convolutional Neural Networks", 2016; the transform matrices below are
+theirs).
 
-A 2x2 block of outputs of a 3x3 convolution (stride 1) depends on a 4x4 input tile. With the
-transforms B (input), G (kernel) and A (output), every tile's output is
-A^T [(G g G^T) * (B^T d B)] A, the product taken element by element over the 16 positions of the
-transformed tile and summed over input channels. Summed over channels, the 16 products are 16
-matrix products, (tiles x C_in) @ (C_in x C_out): 16 multiply-adds per channel pair and tile of 4
-outputs, against 36 for the direct form (2.25x fewer). The transforms only add and subtract
-(B, A) or halve (G), so in fp32 the result is as accurate as the direct convolution (about 3e-7
-relative against fp64, oneDNN's direct kernels 1e-6).
+An m x m block of outputs of a 3x3 convolution (stride 1) depends on an a x a input tile,
+a = m + 2. With the transforms B (input), G (kernel) and A (output), every tile's output is
+A^T [(G g G^T) * (B^T d B)] A, the product taken element by element over the a^2 positions of
+the transformed tile and summed over input channels. Summed over channels, the a^2 products
+are a^2 matrix products, (tiles x C_in) @ (C_in x C_out): per output and channel pair
+F(2x2, 3x3) does 16/4 = 4 multiply-adds and F(4x4, 3x3) 36/16 = 2.25, against 9 for the direct
+form.
 
-What it costs instead: the transformed input and the 16 products are 4x the size of the input
-and output, and the transforms are several memory passes; working in bands (BAND_BYTES) keeps
-those in cache. Whether a layer uses it is measured per layer and machine (ldm.inference.setup),
-and only fp32 inference calls on the CPU take it: bf16 would round the transformed values, and
-oneDNN's bf16 convolutions are the faster path on CPUs with bf16 arithmetic.
+What each costs instead:
+- accuracy: F(2x2) only adds, subtracts and halves, so in fp32 it is more accurate than
+  oneDNN's direct kernels (about 3e-7 relative L2 against fp64, direct 6.5e-7-1.3e-6).
+  F(4x4)'s transforms have coefficients up to 8: about 2e-6.
+- memory: a transformed kernel of a^2 / 9 the weight (16/9, 4x), and transformed tiles and
+  products of a^2 / m^2 the input and output (4x, 2.25x), made in several memory passes;
+  working in bands (BAND_BYTES) keeps those in cache.
+Whether a layer uses it, and which m, is measured per layer and machine
+(ldm.inference.setup), and only fp32 inference calls on the CPU take it: bf16 would round the
+transformed values, and oneDNN's bf16 convolutions are the faster path on CPUs with bf16
+arithmetic.
 """
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-# The transformed tiles and their products are 4x the size of the input and output. Worked in
+# The transformed tiles and their products are larger than the input and output. Worked in
 # bands of tile rows whose largest temporary stays under this size, they come from the heap
 # (fp32 blocks up to 32 MiB, ldm.runtime.tune_allocator) instead of fresh mappings that
 # page-fault on every call, and stay in cache between the passes: at 320 channels and 64x64
-# pixels that makes Winograd 0.6x of the direct convolution's time instead of 1.0x
+# pixels that makes F(2x2) 0.6x of the direct convolution's time instead of 1.0x
 # (docs/performance.md).
 BAND_BYTES = 16 * 2**20
 
+Matrix = Sequence[Sequence[float]]
 
-def _g_transform(g: Tensor, dim: int) -> Tensor:
-    """G applied along `dim` (size 3 -> 4): g0, (g0 + g1 + g2) / 2, (g0 - g1 + g2) / 2, g2, the
-    interpolation points 0, 1, -1 and infinity."""
-    g0, g1, g2 = g.unbind(dim)
-    return torch.stack((g0, (g0 + g1 + g2) * 0.5, (g0 - g1 + g2) * 0.5, g2), dim)
-
-
-def transform_weight(weight: Tensor) -> Tensor:
-    """(C_out, C_in, 3, 3) kernel -> the 16 transformed kernels G g G^T as (16, C_in, C_out),
-    position (i, j) of the 4x4 transform at index 4 i + j; in fp32 (halving is exact, each
-    value rounded twice: about 1e-7 relative)."""
-    u = _g_transform(_g_transform(weight.detach().float(), 2), 3)  # (C_out, C_in, 4, 4)
-    return u.permute(2, 3, 1, 0).reshape(16, weight.shape[1], weight.shape[0]).contiguous()
-
-
-def _b_transpose(d: list[Tensor], out: Tensor) -> None:
-    """out[0..3] = B^T (d0, d1, d2, d3): d0 - d2, d1 + d2, d2 - d1, d1 - d3."""
-    torch.sub(d[0], d[2], out=out[0])
-    torch.add(d[1], d[2], out=out[1])
-    torch.sub(d[2], d[1], out=out[2])
-    torch.sub(d[1], d[3], out=out[3])
+# Per output tile side m: B^T (a x a), G (a x 3), A^T (m x a); interpolation points 0, 1, -1
+# (and 2, -2 for m = 4) and infinity.
+_B_T: dict[int, Matrix] = {
+    2: ((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1)),
+    4: ((4, 0, -5, 0, 1, 0), (0, -4, -4, 1, 1, 0), (0, 4, -4, -1, 1, 0),
+        (0, -2, -1, 2, 1, 0), (0, 2, -1, -2, 1, 0), (0, 4, 0, -5, 0, 1)),
+}
+_G: dict[int, Matrix] = {
+    2: ((1, 0, 0), (1 / 2, 1 / 2, 1 / 2), (1 / 2, -1 / 2, 1 / 2), (0, 0, 1)),
+    4: ((1 / 4, 0, 0), (-1 / 6, -1 / 6, -1 / 6), (-1 / 6, 1 / 6, -1 / 6),
+        (1 / 24, 1 / 12, 1 / 6), (1 / 24, -1 / 12, 1 / 6), (0, 0, 1)),
+}
+_A_T: dict[int, Matrix] = {
+    2: ((1, 1, 1, 0), (0, 1, -1, -1)),
+    4: ((1, 1, 1, 1, 1, 0), (0, 1, -1, 2, -2, 0), (0, 1, 1, 4, 4, 0), (0, 1, -1, 8, -8, 1)),
+}
+TILES = tuple(_B_T)
 
 
-def _a_transpose(m: Tensor, out: Tensor) -> None:
-    """out[0..1] = A^T (m0, m1, m2, m3): m0 + m1 + m2, m1 - m2 - m3."""
-    torch.add(m[0], m[1], out=out[0])
-    out[0] += m[2]
-    torch.sub(m[1], m[2], out=out[1])
-    out[1] -= m[3]
+def transform_weight(weight: Tensor, m: int = 2) -> Tensor:
+    """(C_out, C_in, 3, 3) kernel -> the a^2 transformed kernels G g G^T as (a^2, C_in, C_out),
+    position (i, j) of the a x a transform at index a i + j; computed in fp64, rounded once to
+    fp32."""
+    if m not in _G:
+        raise ValueError(f"Winograd tile side {m} is not one of {TILES}")
+    g = torch.tensor(_G[m], dtype=torch.float64, device=weight.device)
+    u = torch.einsum("ik,ockl,jl->ijco", g, weight.detach().double(), g)
+    return u.reshape(-1, weight.shape[1], weight.shape[0]).float().contiguous()
+
+
+def tile_side(u: Tensor) -> int:
+    """m of a transformed kernel: a^2 = u.shape[0] positions, a = m + 2."""
+    return {(m + 2) ** 2: m for m in TILES}[u.shape[0]]
 
 
 def winograd_conv2d(x: Tensor, u: Tensor, bias: Tensor | None) -> Tensor:
-    """conv2d(x, weight, bias, padding=1) for a 3x3 weight given as transform_weight(weight);
-    any H and W (odd sides compute one padded row or column more, then crop). The output is
-    channels_last, and so is the input best (it is read as N, H, W, C)."""
+    """conv2d(x, weight, bias, padding=1) for a 3x3 weight given as transform_weight(weight, m);
+    any H and W (sides that are not multiples of m compute padded rows or columns, then crop).
+    The output is channels_last, and so is the input best (it is read as N, H, W, C)."""
     n, c, h, w = x.shape
-    tiles_h, tiles_w = (h + 1) // 2, (w + 1) // 2
-    padded = x.new_empty(n, 2 * tiles_h + 2, 2 * tiles_w + 2, c)
+    m = tile_side(u)
+    tiles_h, tiles_w = -(-h // m), -(-w // m)
+    padded = x.new_empty(n, m * tiles_h + 2, m * tiles_w + 2, c)
     padded[:, 0].zero_()
-    padded[:, h + 1:].zero_()  # the bottom pad row, and one more when h is odd
+    padded[:, h + 1:].zero_()  # the bottom pad row, and those of an incomplete tile row
     padded[:, :, 0].zero_()
     padded[:, :, w + 1:].zero_()
     padded[:, 1:h + 1, 1:w + 1].copy_(x.permute(0, 2, 3, 1))
-    y = x.new_empty(n, 2 * tiles_h, 2 * tiles_w, u.shape[2])
-    row_bytes = 16 * tiles_w * max(c, u.shape[2]) * x.element_size()
+    y = x.new_empty(n, m * tiles_h, m * tiles_w, u.shape[2])
+    row_bytes = u.shape[0] * tiles_w * max(c, u.shape[2]) * x.element_size()
     rows = max(1, BAND_BYTES // row_bytes)
     if rows >= tiles_h:  # whole images per band
         images = rows // tiles_h
         for i in range(0, n, images):
-            _band(padded[i:i + images], u, bias, y[i:i + images])
+            _band(padded[i:i + images], u, bias, y[i:i + images], m)
     else:
         for i in range(n):
             for r in range(0, tiles_h, rows):
                 r_end = min(r + rows, tiles_h)
-                _band(padded[i:i + 1, 2 * r:2 * r_end + 2], u, bias, y[i:i + 1, 2 * r:2 * r_end])
-    if (2 * tiles_h, 2 * tiles_w) != (h, w):
+                _band(padded[i:i + 1, m * r:m * r_end + 2], u, bias, y[i:i + 1, m * r:m * r_end],
+                      m)
+    if (m * tiles_h, m * tiles_w) != (h, w):
         y = y[:, :h, :w].contiguous()
     return y.permute(0, 3, 1, 2)
 
 
-def _band(padded: Tensor, u: Tensor, bias: Tensor | None, y: Tensor) -> None:
-    """One band of tile rows: padded (N, 2 T_h + 2, 2 T_w + 2, C_in) -> y (N, 2 T_h, 2 T_w,
+def _band(padded: Tensor, u: Tensor, bias: Tensor | None, y: Tensor, m: int) -> None:
+    """One band of tile rows: padded (N, m T_h + 2, m T_w + 2, C_in) -> y (N, m T_h, m T_w,
     C_out), both channels innermost."""
     n, _, _, c = padded.shape
+    a = m + 2
     _, tiles_h, tiles_w, c_out = y.shape
-    tiles_h, tiles_w = tiles_h // 2, tiles_w // 2
-    # B^T applied to the tile rows d0..d3 (stride 2) ...
-    d = [padded[:, k:k + 2 * tiles_h - 1:2] for k in range(4)]
-    rows = padded.new_empty(4, n, tiles_h, 2 * tiles_w + 2, c)
-    _b_transpose(d, rows)
-    # ... and B to the columns, all four transformed rows at once: (4, 4, N, T_h, T_w, C).
-    d = [rows[:, :, :, k:k + 2 * tiles_w - 1:2] for k in range(4)]
-    v = padded.new_empty(4, 4, n, tiles_h, tiles_w, c)
-    _b_transpose(d, v.transpose(0, 1))
-    m = torch.bmm(v.view(16, -1, c), u).view(4, 4, n, tiles_h, tiles_w, c_out)
+    tiles_h, tiles_w = tiles_h // m, tiles_w // m
+    # B^T applied to the tile rows d0..d_{a-1} (stride m) ...
+    d = [padded[:, k:k + m * (tiles_h - 1) + 1:m] for k in range(a)]
+    rows = padded.new_empty(a, n, tiles_h, m * tiles_w + 2, c)
+    _combine(_B_T[m], d, rows)
+    # ... and B to the columns, all transformed rows at once: (a, a, N, T_h, T_w, C).
+    d = [rows[:, :, :, k:k + m * (tiles_w - 1) + 1:m] for k in range(a)]
+    v = padded.new_empty(a, a, n, tiles_h, tiles_w, c)
+    _combine(_B_T[m], d, v.transpose(0, 1))
+    prod = torch.bmm(v.view(a * a, -1, c), u).view(a, a, n, tiles_h, tiles_w, c_out)
     if bias is not None:
-        m[1, 1] += bias  # A^T M A adds M[1, 1] into all four outputs of a tile with weight 1
-    # A^T over the rows i, then A over the columns j, written straight into the 2x2 phases.
-    half = padded.new_empty(2, 4, n, tiles_h, tiles_w, c_out)
-    _a_transpose(m, half)
-    phases = y.view(n, tiles_h, 2, tiles_w, 2, c_out).permute(2, 4, 0, 1, 3, 5)
-    _a_transpose(half.transpose(0, 1), phases.transpose(0, 1))
+        prod[1, 1] += bias  # column 1 of A^T is all ones: A^T M A adds M[1, 1] to every output
+    # A^T over the rows i, then A over the columns j, written straight into the m x m phases.
+    half = padded.new_empty(m, a, n, tiles_h, tiles_w, c_out)
+    _combine(_A_T[m], prod, half)
+    phases = y.view(n, tiles_h, m, tiles_w, m, c_out).permute(2, 4, 0, 1, 3, 5)
+    _combine(_A_T[m], half.transpose(0, 1), phases.transpose(0, 1))
+
+
+def _combine(matrix: Matrix, d: Sequence[Tensor] | Tensor, out: Tensor) -> None:
+    """out[i] = sum_k matrix[i][k] d[k], with out= and in-place ops (no temporaries)."""
+    for i, row in enumerate(matrix):
+        (k0, c0), (k1, c1), *rest = [(k, c) for k, c in enumerate(row) if c != 0]
+        if c0 == 1:
+            torch.add(d[k0], d[k1], alpha=c1, out=out[i])
+        elif c0 == -1 and c1 == 1:
+            torch.sub(d[k1], d[k0], out=out[i])
+        else:
+            torch.mul(d[k0], c0, out=out[i])
+            out[i].add_(d[k1], alpha=c1)
+        for k, c in rest:
+            out[i].add_(d[k], alpha=c)
