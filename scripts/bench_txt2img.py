@@ -170,19 +170,21 @@ def main() -> None:
                              "convolutions (no Winograd)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the U-Net")
     parser.add_argument("--no-allocator-tuning", dest="allocator", action="store_false")
-    parser.add_argument("--side", choices=["ours", "peer", "openvino", "all"], default="ours",
+    parser.add_argument("--side", choices=["ours", "peer", "openvino", "both", "all"],
+                        default="ours",
                         help="peer: diffusers' pipeline instead (sd2-base only, DDIM, glibc's "
                              "default allocator; needs requirements-bench.txt); openvino: the "
                              "same with its U-Net and VAE decoder run by OpenVINO; all: every "
                              "side in one process, runs alternating, one allocator setting "
-                             "for all, ratios (no per-side memory)")
+                             "for all, ratios (no per-side memory); both: ours and diffusers "
+                             "so (in fp32 a third pipeline may not fit in memory)")
     opts = parser.parse_args()
     from ldm.cpu import cpu_info
     from ldm.inference.setup import default_precision
     if opts.precision == "auto":
         opts.precision = default_precision("cpu")
     print(f"{cpu_info().describe()}; torch {torch.__version__}", flush=True)
-    if opts.side == "all":
+    if opts.side in ("both", "all"):
         return main_all(opts)
     if opts.side != "ours":
         return main_peer(opts)
@@ -207,19 +209,21 @@ def main() -> None:
 
 
 def main_all(opts: argparse.Namespace) -> None:
-    """Ours, diffusers and diffusers + OpenVINO in one process, runs alternating: the ratios."""
+    """Ours, diffusers and (--side all) diffusers + OpenVINO in one process, runs alternating:
+    the ratios."""
     import openvino_peer
 
     from ldm.bench import time_alternating
     if opts.model != "sd2-base" or opts.sampler != "ddim":
-        raise SystemExit("error: --side all runs only --model sd2-base with --sampler ddim")
+        raise SystemExit(f"error: --side {opts.side} runs only --model sd2-base with "
+                         "--sampler ddim")
     dtype = PRECISIONS[opts.precision]
     setup_cpu(opts.threads, allocator=opts.allocator, dtype=dtype)
     opts.size = opts.size or 512
     ours = load(opts.model, dtype, opts.channels_last, opts.compile, opts.autotune)
     peer = load_peer(dtype)
     sides = {"ours": lambda o: run_once(ours, o), "diffusers": lambda o: run_peer_once(peer, o)}
-    if openvino_peer.available():
+    if opts.side == "all" and openvino_peer.available():
         openvino = load_peer(torch.float32)
         seconds = openvino_peer.patch_pipeline(openvino, opts.size, opts.precision, opts.threads)
         print(f"OpenVINO conversion and compilation: {seconds:.0f} s", flush=True)

@@ -276,17 +276,23 @@ def test_load_pipeline_remembers_a_plan_per_network(tmp_path, monkeypatch) -> No
 
 def test_no_winograd_where_its_kernels_would_crowd_memory(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    monkeypatch.setattr(setup, "winograd_tile", lambda conv, shape, device: 2)
+    monkeypatch.setattr(setup, "winograd_tile", lambda conv, shape, device: 4)
     unet = UNetModel(TINY_UNET)
     setup.prepare_for_inference(unet, torch.float32, channels_last=True, prepacked=True)
     call = setup.unet_call(unet, TINY_UNET, torch.float32, 8)
-    kernels = 16 / 9 * sum(m.weight.nbytes for m in setup.conv_inputs(unet, call))
-    monkeypatch.setattr(setup, "available_memory_bytes", lambda: int(1.9 * kernels))
-    assert setup.choose_winograd(unet, call, "k", torch.float32) == 0  # over half: none
-    monkeypatch.setattr(setup, "available_memory_bytes", lambda: int(2.1 * kernels))
-    assert setup.choose_winograd(unet, call, "k", torch.float32) > 0
-    monkeypatch.setattr(setup, "available_memory_bytes", lambda: None)  # unknown: measured plan
-    assert setup.choose_winograd(unet, call, "k", torch.float32) > 0
+    weights = sum(m.weight.nbytes for m in setup.conv_inputs(unet, call))
+
+    def tiles_with(available: float | None) -> set[int]:
+        monkeypatch.setattr(setup, "available_memory_bytes",
+                            lambda: None if available is None else int(available))
+        used = setup.choose_winograd(unet, call, "k", torch.float32)
+        tiles = {m for conv in unet.modules() for m in getattr(conv, "winograd_tiles", {}).values()}
+        assert used == (len(setup.conv_inputs(unet, call)) if tiles else 0)
+        return tiles
+    assert tiles_with(2.1 * 4 * weights) == {4}  # F(4x4) kernels: 4x the weights, under half
+    assert tiles_with(1.9 * 4 * weights) == {2}  # over half: F(2x2) kernels (16/9) instead
+    assert tiles_with(1.9 * 16 / 9 * weights) == set()  # those over half too: none
+    assert tiles_with(None) == {4}  # unknown: the measured plan
     monkeypatch.undo()
     if sys.platform.startswith("linux"):
         assert setup.available_memory_bytes() > 0

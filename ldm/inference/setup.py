@@ -192,9 +192,10 @@ def choose_winograd(net: torch.nn.Module, call: Callable[[], object], key: str,
     at its input in `call` (one inference call): each layer timed every way once per CPU and
     `key` (what the inputs depend on, winograd_tile), the plan remembered and added to the
     sides decided before; other input sides stay direct. Only fp32 channels_last CPU calls take
-    it (ldm.models.winograd); without autotuning every layer is direct, and so is every layer
-    when the transformed kernels would take more than WINOGRAD_MEMORY_SHARE of the memory
-    available now. Returns how many layers use it."""
+    it (ldm.models.winograd); without autotuning every layer is direct. The transformed kernels
+    take at most WINOGRAD_MEMORY_SHARE of the memory available now: F(4x4) layers fall back to
+    F(2x2), then every layer to direct, where they would not. Returns how many layers use
+    it."""
     if not autotune or dtype != torch.float32 or torch.device(device).type != "cpu":
         return set_winograd(net, lambda conv: {})
     names = {module: name for name, module in net.named_modules()}
@@ -215,13 +216,19 @@ def choose_winograd(net: torch.nn.Module, call: Callable[[], object], key: str,
         name, side_tile = entry.rsplit("@", 1)
         side, m = side_tile.split(":")
         chosen.setdefault(name, {})[tuple(int(v) for v in side.split("x"))] = int(m)
-    kernels = sum((m + 2) ** 2 / 9 * conv.weight.nbytes for conv, name in names.items()
-                  for m in set(chosen.get(name, {}).values()))
+    # Speed is not worth running out of memory: where the plan's kernels would not fit, its
+    # F(4x4) layers take F(2x2) (a kernel 4/9 the size), and where those would not fit either,
+    # every layer stays direct.
     available = available_memory_bytes()
-    if available is not None and kernels > WINOGRAD_MEMORY_SHARE * available:
-        return set_winograd(net, lambda conv: {})  # speed is not worth running out of memory
-    return set_winograd(net, lambda conv: {**getattr(conv, "winograd_tiles", {}),
-                                           **chosen.get(names[conv], {})})
+    for largest in sorted(TILES, reverse=True):
+        capped = {name: {side: min(m, largest) for side, m in tiles.items()}
+                  for name, tiles in chosen.items()}
+        kernels = sum((m + 2) ** 2 / 9 * conv.weight.nbytes for conv, name in names.items()
+                      for m in set(capped.get(name, {}).values()))
+        if available is None or kernels <= WINOGRAD_MEMORY_SHARE * available:
+            return set_winograd(net, lambda conv: {**getattr(conv, "winograd_tiles", {}),
+                                                   **capped.get(names[conv], {})})
+    return set_winograd(net, lambda conv: {})
 
 
 def _is_plan(plan: str) -> bool:
