@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 import warnings
+from collections import Counter
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -32,7 +33,8 @@ from ldm.checkpoint import PREFIXES
 from ldm.config import ModelConfig
 from ldm.cpu import cpu_info
 from ldm.inference.setup import (choose_layout, choose_winograd, compile_for_inference,
-                                 decision_key, prepare_for_inference, unet_call)
+                                 conv_inputs, decision_key, prepare_for_inference, unet_call)
+from ldm.models.winograd import TILES
 from ldm.presets import PRESETS
 from ldm.runtime import setup_cpu, tune_allocator
 
@@ -265,9 +267,13 @@ def winograd(ours: nn.Module, config: ModelConfig, case: Case, opts: argparse.Na
     """Winograd layers for this case's latent size, as load_pipeline decides them for its."""
     dtype = precision_dtype(case.precision)
     key = f"{decision_key(config.unet, dtype, case.latent)} packed {layout(ours, 'unet', config, dtype, opts)['prepacked']}"
-    used = choose_winograd(ours, unet_call(ours, config.unet, dtype, case.latent), key, dtype,
-                           autotune=opts.autotune and opts.winograd)
-    print(f"{case.label}: {used} convolutions by Winograd's algorithm", flush=True)
+    call = unet_call(ours, config.unet, dtype, case.latent)
+    used = choose_winograd(ours, call, key, dtype, autotune=opts.autotune and opts.winograd)
+    # Which tile side each layer runs at this size (one more U-Net call, untimed).
+    tiles = Counter(getattr(conv, "winograd_tiles", {}).get(tuple(shape[-2:]), 0)
+                    for conv, shape in conv_inputs(ours, call).items())
+    print(f"{case.label}: {used} convolutions by Winograd's algorithm ("
+          + ", ".join(f"F({m}x{m}, 3x3) {tiles[m]}" for m in TILES) + ")", flush=True)
 
 
 def run_case(case: Case, ours: nn.Module, ref: Tensor | None, peer: nn.Module,
