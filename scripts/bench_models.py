@@ -33,7 +33,8 @@ from ldm.checkpoint import PREFIXES
 from ldm.config import ModelConfig
 from ldm.cpu import cpu_info
 from ldm.inference.setup import (choose_layout, choose_winograd, compile_for_inference,
-                                 conv_inputs, decision_key, prepare_for_inference, unet_call)
+                                 conv_inputs, decision_key, decoder_call, decoder_key,
+                                 prepare_for_inference, unet_call)
 from ldm.models.winograd import TILES
 from ldm.presets import PRESETS
 from ldm.runtime import setup_cpu, tune_allocator
@@ -231,8 +232,7 @@ def run_cases(cases: list[Case], opts: argparse.Namespace) -> list[list[object]]
                 ours = prepare_for_inference(ours, torch.bfloat16,
                                              **layout(ours, net, config, torch.bfloat16, opts))
             for case in (c for c in net_cases if c.precision == precision):
-                if net == "unet":
-                    winograd(ours, config, case, opts)
+                winograd(ours, config, case, opts)
                 ov_call = None
                 if opts.openvino:
                     example = inputs(case, config.unet.context_dim)
@@ -266,10 +266,15 @@ def layout(ours: nn.Module, net: str, config: ModelConfig, dtype: torch.dtype,
 def winograd(ours: nn.Module, config: ModelConfig, case: Case, opts: argparse.Namespace) -> None:
     """Winograd layers for this case's latent size, as load_pipeline decides them for its."""
     dtype = precision_dtype(case.precision)
-    key = f"{decision_key(config.unet, dtype, case.latent)} packed {layout(ours, 'unet', config, dtype, opts)['prepacked']}"
-    call = unet_call(ours, config.unet, dtype, case.latent)
+    prepacked = layout(ours, case.net, config, dtype, opts)["prepacked"]
+    if case.net == "unet":
+        call = unet_call(ours, config.unet, dtype, case.latent)
+        key = f"{decision_key(config.unet, dtype, case.latent)} packed {prepacked}"
+    else:
+        call = decoder_call(ours, case.latent)
+        key = decoder_key(config.autoencoder, dtype, case.latent, prepacked)
     used = choose_winograd(ours, call, key, dtype, autotune=opts.autotune and opts.winograd)
-    # Which tile side each layer runs at this size (one more U-Net call, untimed).
+    # Which tile side each layer runs at this size (one more call, untimed).
     tiles = Counter(getattr(conv, "winograd_tiles", {}).get(tuple(shape[-2:]), 0)
                     for conv, shape in conv_inputs(ours, call).items())
     print(f"{case.label}: {used} convolutions by Winograd's algorithm ("
@@ -334,9 +339,9 @@ def main() -> None:
                              "default: what ldm.load_pipeline measures on this machine")
     parser.add_argument("--no-winograd", dest="winograd", action="store_false",
                         help="every convolution direct; default: Winograd's F(2x2, 3x3) or "
-                             "F(4x4, 3x3) for the fp32 U-Net layers where it measures clearly "
-                             "faster on this machine, as "
-                             "ldm.load_pipeline decides (here per latent size)")
+                             "F(4x4, 3x3) for the fp32 U-Net and decoder layers where it "
+                             "measures clearly faster on this machine, as ldm.load_pipeline "
+                             "decides (here per latent size)")
     parser.add_argument("--no-autotune", dest="autotune", action="store_false",
                         help="no measured layout: channels_last, unpacked, direct, as with txt2img's "
                              "flag")

@@ -15,7 +15,7 @@ from types import MappingProxyType
 
 import torch
 
-from ldm.config import ModelConfig, UNetConfig
+from ldm.config import AutoencoderConfig, ModelConfig, UNetConfig
 from ldm.cpu import cpu_info
 from ldm.inference.autotune import best_times, decide, fastest, remembered
 from ldm.inference.options import default_image_size
@@ -87,15 +87,23 @@ def unet_call(unet: torch.nn.Module, config: UNetConfig, dtype: torch.dtype, lat
     return run
 
 
-def decoder_call(pipe: Pipeline, latent_side: int) -> Callable[[], object]:
+def decoder_call(autoencoder: torch.nn.Module, latent_side: int) -> Callable[[], object]:
     """One decode of a `latent_side` latent: what the decoder's Winograd plan times."""
-    z = torch.randn(1, pipe.latent_channels, latent_side, latent_side,
-                    generator=torch.Generator().manual_seed(0))
+    weight = next(autoencoder.parameters())
+    z = torch.randn(1, autoencoder.config.embed_dim, latent_side, latent_side,
+                    generator=torch.Generator().manual_seed(0)).to(weight.device, weight.dtype)
 
     def run() -> None:
         with torch.inference_mode():
-            pipe.decode_latents(z)
+            autoencoder.decode(z)
     return run
+
+
+def decoder_key(config: AutoencoderConfig, dtype: torch.dtype, latent_side: int,
+                prepacked: bool) -> str:
+    """What the decoder's Winograd plan depends on besides the CPU."""
+    return (f"decoder {config.ch}x{config.ch_mult} z {config.embed_dim} side {latent_side} "
+            f"{run_key(dtype)} packed {prepacked}")
 
 
 def run_key(dtype: torch.dtype) -> str:
@@ -306,11 +314,9 @@ def prepare_pipeline(pipe: Pipeline, channels_last: bool | None = None, compile:
     unet = unet_call(pipe.unet, pipe.config.unet, pipe.dtype, side, pipe.device)
     key = f"{decision_key(pipe.config.unet, pipe.dtype, side)} packed {layout['prepacked']}"
     choose_winograd(pipe.unet, unet, key, pipe.dtype, pipe.device, autotune)
-    a = pipe.config.autoencoder
-    key = (f"decoder {a.ch}x{a.ch_mult} z {a.embed_dim} side {side} {run_key(pipe.dtype)} "
-           f"packed {layout['prepacked']}")
-    choose_winograd(pipe.autoencoder, decoder_call(pipe, side), key, pipe.dtype, pipe.device,
-                    autotune)
+    key = decoder_key(pipe.config.autoencoder, pipe.dtype, side, layout["prepacked"])
+    choose_winograd(pipe.autoencoder, decoder_call(pipe.autoencoder, side), key, pipe.dtype,
+                    pipe.device, autotune)
     release_free_memory()  # what loading and converting freed
     if compile:
         pipe.unet = compile_for_inference(pipe.unet)
