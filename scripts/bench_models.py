@@ -32,9 +32,9 @@ from ldm.bench import format_table, median, peak_rss_mib, reset_peak_rss, time_a
 from ldm.checkpoint import PREFIXES
 from ldm.config import ModelConfig
 from ldm.cpu import cpu_info
-from ldm.inference.setup import (choose_layout, choose_winograd, compile_for_inference,
-                                 conv_inputs, decision_key, decoder_call, decoder_key,
-                                 prepare_for_inference, unet_call)
+from ldm.inference.setup import (choose_layout, compile_for_inference, decision_key,
+                                 decoder_call, decoder_key, prepare_for_inference, unet_call)
+from ldm.inference.winograd_plan import choose_winograd, conv_inputs
 from ldm.models.winograd import TILES
 from ldm.presets import PRESETS
 from ldm.runtime import setup_cpu, tune_allocator

@@ -1,5 +1,6 @@
 """Winograd F(m x m, 3x3) convolutions (ldm.models.winograd) against the direct convolution,
-the per-layer switch (ldm.models.prepacked) and the measured plan (ldm.inference.setup)."""
+the per-layer switch (ldm.models.prepacked) and the measured plan
+(ldm.inference.winograd_plan)."""
 from __future__ import annotations
 
 import json
@@ -12,6 +13,7 @@ from conftest import TINY_UNET, perturb, rel_l2
 from torch import nn
 
 from ldm.inference import setup
+from ldm.inference import winograd_plan
 from ldm.inference.autotune import CACHE_FILE, remembered
 from ldm.models.prepacked import PrepackedConv2d, set_prepacked, set_winograd, winograd_applies
 from ldm.models.unet import UNetModel
@@ -176,7 +178,7 @@ def test_winograd_unet_matches_direct(m: int) -> None:
     with torch.inference_mode():
         want = unet(x, t, ctx)
         call = lambda: unet(x, t, ctx)  # noqa: E731
-        shapes = setup.conv_inputs(unet, call)
+        shapes = winograd_plan.conv_inputs(unet, call)
         # (the first layer sees the caller's NCHW input: not recorded, stays direct)
         tiles = lambda conv: {tuple(shapes[conv][-2:]): m} if conv in shapes else {}  # noqa
         assert set_winograd(unet, tiles) == len(shapes) > 4
@@ -197,10 +199,10 @@ def test_choose_winograd_measures_each_layer_shape_once_and_remembers(tmp_path,
         measured.append((conv.in_channels, conv.out_channels, *shape))
         # a fixed verdict, for the test
         return None if conv.in_channels != conv.out_channels else 4 if shape[-1] == 8 else 2
-    monkeypatch.setattr(setup, "winograd_tile", winograd_tile)
-    assert setup.choose_winograd(unet, call, "k", torch.float32, autotune=False) == 0
+    monkeypatch.setattr(winograd_plan, "winograd_tile", winograd_tile)
+    assert winograd_plan.choose_winograd(unet, call, "k", torch.float32, autotune=False) == 0
     assert not measured
-    used = setup.choose_winograd(unet, call, "k", torch.float32)
+    used = winograd_plan.choose_winograd(unet, call, "k", torch.float32)
     assert len(measured) == len(set(measured)) > 0  # one measurement per distinct shape
     layers = [m for m in unet.modules() if getattr(m, "winograd_tiles", {})]
     assert used == len(layers) > 0 and all(m.in_channels == m.out_channels for m in layers)
@@ -212,14 +214,14 @@ def test_choose_winograd_measures_each_layer_shape_once_and_remembers(tmp_path,
     measured.clear()
     other = UNetModel(TINY_UNET)
     setup.prepare_for_inference(other, torch.float32, channels_last=True, prepacked=True)
-    assert setup.choose_winograd(other, call, "k", torch.float32) == used and not measured
+    assert winograd_plan.choose_winograd(other, call, "k", torch.float32) == used and not measured
     # bf16 and autotuning off turn every layer direct.
-    assert setup.choose_winograd(other, call, "k", torch.bfloat16) == 0
+    assert winograd_plan.choose_winograd(other, call, "k", torch.bfloat16) == 0
 
 
 def test_winograd_tile_leaves_the_layer_as_it_was() -> None:
     conv = winograd_layer({(3, 3): 4})
-    assert setup.winograd_tile(conv, torch.Size([1, 6, 4, 4]), "cpu") in (None, *TILES)
+    assert winograd_plan.winograd_tile(conv, torch.Size([1, 6, 4, 4]), "cpu") in (None, *TILES)
     assert conv.winograd_tiles == {(3, 3): 4} and set(conv._winograd) == {4}
 
 
@@ -233,9 +235,9 @@ def test_winograd_tile_leaves_the_layer_as_it_was() -> None:
 def test_winograd_needs_a_clear_gain(monkeypatch: pytest.MonkeyPatch, f2: float, f4: float,
                                      chosen: int | None) -> None:
     """A few percent faster is not worth a transformed kernel of 16/9 (4x) the weight."""
-    monkeypatch.setattr(setup, "best_times", lambda candidates: {None: 1.0, 2: f2, 4: f4})
+    monkeypatch.setattr(winograd_plan, "best_times", lambda candidates: {None: 1.0, 2: f2, 4: f4})
     conv = winograd_layer({(3, 3): 2})
-    assert setup.winograd_tile(conv, torch.Size([1, 6, 4, 4]), "cpu") == chosen
+    assert winograd_plan.winograd_tile(conv, torch.Size([1, 6, 4, 4]), "cpu") == chosen
 
 
 def test_remembered_stores_any_value_and_remeasures_invalid(tmp_path, monkeypatch) -> None:
@@ -254,7 +256,7 @@ def test_load_pipeline_remembers_a_plan_per_network(tmp_path, monkeypatch) -> No
     from ldm.pipeline import Pipeline
     from test_inference_setup import tiny_config
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    monkeypatch.setattr(setup, "winograd_tile", lambda conv, shape, device: 2)
+    monkeypatch.setattr(winograd_plan, "winograd_tile", lambda conv, shape, device: 2)
     # channels_last measured "on" (NCHW layers never take Winograd), whatever the timing
     from ldm.inference import autotune
     monkeypatch.setattr(autotune, "fastest", lambda candidates, repeats=2: "on")
@@ -276,18 +278,18 @@ def test_load_pipeline_remembers_a_plan_per_network(tmp_path, monkeypatch) -> No
 
 def test_no_winograd_where_its_kernels_would_crowd_memory(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    monkeypatch.setattr(setup, "winograd_tile", lambda conv, shape, device: 4)
+    monkeypatch.setattr(winograd_plan, "winograd_tile", lambda conv, shape, device: 4)
     unet = UNetModel(TINY_UNET)
     setup.prepare_for_inference(unet, torch.float32, channels_last=True, prepacked=True)
     call = setup.unet_call(unet, TINY_UNET, torch.float32, 8)
-    weights = sum(m.weight.nbytes for m in setup.conv_inputs(unet, call))
+    weights = sum(m.weight.nbytes for m in winograd_plan.conv_inputs(unet, call))
 
     def tiles_with(available: float | None) -> set[int]:
-        monkeypatch.setattr(setup, "available_memory_bytes",
+        monkeypatch.setattr(winograd_plan, "available_memory_bytes",
                             lambda: None if available is None else int(available))
-        used = setup.choose_winograd(unet, call, "k", torch.float32)
+        used = winograd_plan.choose_winograd(unet, call, "k", torch.float32)
         tiles = {m for conv in unet.modules() for m in getattr(conv, "winograd_tiles", {}).values()}
-        assert used == (len(setup.conv_inputs(unet, call)) if tiles else 0)
+        assert used == (len(winograd_plan.conv_inputs(unet, call)) if tiles else 0)
         return tiles
     assert tiles_with(2.1 * 4 * weights) == {4}  # F(4x4) kernels: 4x the weights, under half
     assert tiles_with(1.9 * 4 * weights) == {2}  # over half: F(2x2) kernels (16/9) instead
@@ -295,10 +297,11 @@ def test_no_winograd_where_its_kernels_would_crowd_memory(tmp_path, monkeypatch)
     assert tiles_with(None) == {4}  # unknown: the measured plan
     monkeypatch.undo()
     if sys.platform.startswith("linux"):
-        assert setup.available_memory_bytes() > 0
+        assert winograd_plan.available_memory_bytes() > 0
 
 
 def test_plans_of_another_format_are_measured_again() -> None:
-    assert setup._is_plan("") and setup._is_plan("input_blocks.1.0.conv@64x64:4;out.2@8x16:2")
-    assert not setup._is_plan("input_blocks.1.0.conv@64x64")  # no tile side: measured again
-    assert not setup._is_plan("a@64x64:4;;b@1x2")
+    assert winograd_plan._is_plan("")
+    assert winograd_plan._is_plan("input_blocks.1.0.conv@64x64:4;out.2@8x16:2")
+    assert not winograd_plan._is_plan("input_blocks.1.0.conv@64x64")  # no tile side: measured
+    assert not winograd_plan._is_plan("a@64x64:4;;b@1x2")

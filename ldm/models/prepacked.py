@@ -16,7 +16,7 @@ Packed copies are rebuilt when the weight changes (in-place update, dtype, devic
 format); each costs one more copy of the convolution weights in memory (one per input shape,
 at most two shapes). Winograd takes the same calls in fp32, for the input sides (H, W) a module
 was told to use it for, with the tile side m told for each (set_winograd; the decision is
-measured per layer, ldm.inference.setup), and keeps one transformed kernel per tile side it
+measured per layer, ldm.inference.winograd_plan), and keeps one transformed kernel per tile side it
 uses ((m + 2)^2 / 9 the weight's size).
 """
 from __future__ import annotations

@@ -18,9 +18,9 @@ What each costs instead:
   products of a^2 / m^2 the input and output (4x, 2.25x), made in several memory passes;
   working in bands (BAND_BYTES) keeps those in cache.
 Whether a layer uses it, and which m, is measured per layer and machine
-(ldm.inference.setup), and only fp32 inference calls on the CPU take it: bf16 would round the
-transformed values, and oneDNN's bf16 convolutions are the faster path on CPUs with bf16
-arithmetic.
+(ldm.inference.winograd_plan), and only fp32 inference calls on the CPU take it: bf16 would
+round the transformed values, and oneDNN's bf16 convolutions are the faster path on CPUs with
+bf16 arithmetic.
 """
 from __future__ import annotations
 
