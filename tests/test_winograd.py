@@ -274,6 +274,15 @@ def test_load_pipeline_remembers_a_plan_per_network(tmp_path, monkeypatch) -> No
     z = torch.randn(1, pipe.latent_channels, 8, 8)
     with torch.inference_mode():
         assert rel_l2(pipe.decode_latents(z), direct.decode_latents(z)) < 1e-5
+    # Another image size: its own plans, keyed by height x width, in place of the default's.
+    f = pipe.downsampling_factor
+    default = setup.default_image_size(pipe) // f
+    setup.prepare_size(pipe, 4 * f, 6 * f)
+    cache = json.loads((tmp_path / "cache" / "ldm" / CACHE_FILE).read_text())
+    assert sum(" side 4x6 " in k for k in cache if k.startswith("winograd|")) == 2
+    sides = {side for m in pipe.unet.modules() for side in getattr(m, "winograd_tiles", {})}
+    assert sides and all(side != (default, default) for side in sides)
+    assert (4, 6) in sides and all(h <= 4 and w <= 6 for h, w in sides)
 
 
 def test_no_winograd_where_its_kernels_would_crowd_memory(tmp_path, monkeypatch) -> None:

@@ -250,6 +250,7 @@ def run(task: Task, args: argparse.Namespace) -> None:
     import ldm
     from ldm.inference.distributed import local_batches
     from ldm.inference.options import resolve
+    from ldm.inference.setup import prepare_size
     from ldm.inference.sampling import task_steps
     prompts = validate(task, args)
     options = sampling_options(task, args)
@@ -263,6 +264,8 @@ def run(task: Task, args: argparse.Namespace) -> None:
                             samples, outdir, args.device)
     pipe = load_model(args, ckpt, model_hash)
     options = (task.prepare or (lambda p, o, i, a: resolve(o, p)))(pipe, options, inputs, args)
+    if not args.compile:  # a compiled U-Net keeps what it was compiled with
+        prepare_size(pipe, options.height, options.width, autotune=args.autotune)
     common = {"task": task.name, "negative_prompt": options.negative_prompt,
               "sampler": options.sampler, "steps": options.steps,
               "scale": options.guidance_scale, "eta": options.eta, "height": options.height,

@@ -20,7 +20,7 @@ from ldm.inference.autotune import decide
 from ldm.inference.options import default_image_size
 from ldm.inference.winograd_plan import choose_winograd
 from ldm.models.prepacked import available as prepacking_available
-from ldm.models.prepacked import set_prepacked
+from ldm.models.prepacked import set_prepacked, set_winograd
 from ldm.pipeline import Pipeline
 from ldm.runtime import release_free_memory
 
@@ -69,12 +69,25 @@ def compile_for_inference(module: torch.nn.Module) -> torch.nn.Module:
     return torch.compile(module, dynamic=False)
 
 
-def unet_call(unet: torch.nn.Module, config: UNetConfig, dtype: torch.dtype, latent_side: int,
-              device: str | torch.device = "cpu") -> Callable[[], object]:
+LatentSide = int | tuple[int, int]  # a square's side, or (height, width)
+
+
+def _hw(latent_side: LatentSide) -> tuple[int, int]:
+    return (latent_side, latent_side) if isinstance(latent_side, int) else tuple(latent_side)
+
+
+def _side_text(latent_side: LatentSide) -> str:
+    """"64" for a square (the keys measured before rectangles existed), else "64x96"."""
+    h, w = _hw(latent_side)
+    return str(h) if h == w else f"{h}x{w}"
+
+
+def unet_call(unet: torch.nn.Module, config: UNetConfig, dtype: torch.dtype,
+              latent_side: LatentSide, device: str | torch.device = "cpu") -> Callable[[], object]:
     """One inference call of `unet` on a CFG-sized batch of 2 at `latent_side`: what the
     layout decisions time."""
     generator = torch.Generator().manual_seed(0)
-    x = torch.randn(2, config.in_channels, latent_side, latent_side, generator=generator)
+    x = torch.randn(2, config.in_channels, *_hw(latent_side), generator=generator)
     context = torch.randn(2, 77, config.context_dim, generator=generator)
     x, context = x.to(device, dtype), context.to(device, dtype)
     t = torch.full((2,), 500, device=device)
@@ -86,10 +99,10 @@ def unet_call(unet: torch.nn.Module, config: UNetConfig, dtype: torch.dtype, lat
     return run
 
 
-def decoder_call(autoencoder: torch.nn.Module, latent_side: int) -> Callable[[], object]:
+def decoder_call(autoencoder: torch.nn.Module, latent_side: LatentSide) -> Callable[[], object]:
     """One decode of a `latent_side` latent: what the decoder's Winograd plan times."""
     weight = next(autoencoder.parameters())
-    z = torch.randn(1, autoencoder.config.embed_dim, latent_side, latent_side,
+    z = torch.randn(1, autoencoder.config.embed_dim, *_hw(latent_side),
                     generator=torch.Generator().manual_seed(0)).to(weight.device, weight.dtype)
 
     def run() -> None:
@@ -98,10 +111,11 @@ def decoder_call(autoencoder: torch.nn.Module, latent_side: int) -> Callable[[],
     return run
 
 
-def decoder_key(config: AutoencoderConfig, dtype: torch.dtype, latent_side: int,
+def decoder_key(config: AutoencoderConfig, dtype: torch.dtype, latent_side: LatentSide,
                 prepacked: bool) -> str:
     """What the decoder's Winograd plan depends on besides the CPU."""
-    return (f"decoder {config.ch}x{config.ch_mult} z {config.embed_dim} side {latent_side} "
+    return (f"decoder {config.ch}x{config.ch_mult} z {config.embed_dim} "
+            f"side {_side_text(latent_side)} "
             f"{run_key(dtype)} packed {prepacked}")
 
 
@@ -110,10 +124,10 @@ def run_key(dtype: torch.dtype) -> str:
     return f"{str(dtype).removeprefix('torch.')} threads {torch.get_num_threads()}"
 
 
-def decision_key(config: UNetConfig, dtype: torch.dtype, latent_side: int) -> str:
+def decision_key(config: UNetConfig, dtype: torch.dtype, latent_side: LatentSide) -> str:
     """What a layout decision depends on besides the CPU: U-Net width, input, dtype, threads."""
     return (f"unet {config.model_channels}x{config.channel_mult} in {config.in_channels} "
-            f"ctx {config.context_dim} side {latent_side} {run_key(dtype)}")
+            f"ctx {config.context_dim} side {_side_text(latent_side)} {run_key(dtype)}")
 
 
 def choose_channels_last(unet: torch.nn.Module, config: UNetConfig, dtype: torch.dtype,
@@ -181,23 +195,45 @@ def prepare_pipeline(pipe: Pipeline, channels_last: bool | None = None, compile:
     """Frozen eval-mode networks in the pipeline's dtype (in place); channels_last and
     prepacked None decide per machine (choose_channels_last, choose_prepacked; the VAE follows
     the U-Net's decisions); Winograd layers are chosen per network, for the U-Net at the
-    default image size and the decoder decoding it (choose_winograd); compile wraps the U-Net
-    (compile_for_inference)."""
+    default image size and the decoder decoding it (plan_winograd; prepare_size for another
+    size); compile wraps the U-Net (compile_for_inference)."""
     side = default_image_size(pipe) // pipe.downsampling_factor
     layout = choose_layout(pipe.unet, pipe.config.unet, pipe.dtype, side, pipe.device, autotune,
                            channels_last, prepacked)
     for net in (pipe.unet, pipe.autoencoder):
         prepare_for_inference(net, pipe.dtype, **layout)
-    unet = unet_call(pipe.unet, pipe.config.unet, pipe.dtype, side, pipe.device)
-    key = f"{decision_key(pipe.config.unet, pipe.dtype, side)} packed {layout['prepacked']}"
-    choose_winograd(pipe.unet, unet, key, pipe.dtype, pipe.device, autotune)
-    key = decoder_key(pipe.config.autoencoder, pipe.dtype, side, layout["prepacked"])
-    choose_winograd(pipe.autoencoder, decoder_call(pipe.autoencoder, side), key, pipe.dtype,
-                    pipe.device, autotune)
+    plan_winograd(pipe, side, autotune)
     release_free_memory()  # what loading and converting freed
     if compile:
         pipe.unet = compile_for_inference(pipe.unet)
     return pipe
+
+
+def plan_winograd(pipe: Pipeline, latent_side: LatentSide, autotune: bool = True) -> None:
+    """The U-Net's and decoder's Winograd layers for latents of `latent_side` (choose_winograd:
+    measured once per machine, then remembered), in place of those chosen for other sizes."""
+    prepacked = any(getattr(m, "packing", False) for m in pipe.unet.modules())
+    unet = unet_call(pipe.unet, pipe.config.unet, pipe.dtype, latent_side, pipe.device)
+    key = f"{decision_key(pipe.config.unet, pipe.dtype, latent_side)} packed {prepacked}"
+    calls = {pipe.unet: (unet, key),
+             pipe.autoencoder: (decoder_call(pipe.autoencoder, latent_side),
+                                decoder_key(pipe.config.autoencoder, pipe.dtype, latent_side,
+                                            prepacked))}
+    for net, (call, key) in calls.items():
+        set_winograd(net, lambda conv: {})  # the kernels of another size's plan go first
+        choose_winograd(net, call, key, pipe.dtype, pipe.device, autotune)
+
+
+def prepare_size(pipe: Pipeline, height: int, width: int, autotune: bool = True) -> None:
+    """Make `pipe` fast for images of height x width pixels: prepare_pipeline plans the
+    Winograd layers for the default size, this for another (the first time on a machine: about
+    a minute at SD size)."""
+    f = pipe.downsampling_factor
+    side = (height // f, width // f)
+    default = default_image_size(pipe) // f
+    if side != (default, default):
+        plan_winograd(pipe, side, autotune)
+        release_free_memory()
 
 
 def load_pipeline(checkpoint: str | Path, config: ModelConfig | str | Path | None = None,
