@@ -32,8 +32,8 @@ from ldm.bench import format_table, median, peak_rss_mib, reset_peak_rss, time_a
 from ldm.checkpoint import PREFIXES
 from ldm.config import ModelConfig
 from ldm.cpu import cpu_info
-from ldm.inference.setup import (choose_layout, compile_for_inference, decision_key,
-                                 decoder_call, decoder_key, prepare_for_inference, unet_call)
+from ldm.inference.setup import (choose_layout, compile_for_inference, decoder_call,
+                                 decoder_key, prepare_for_inference, unet_call, unet_key)
 from ldm.inference.winograd_plan import choose_winograd, conv_inputs
 from ldm.models.winograd import TILES
 from ldm.presets import PRESETS
@@ -269,7 +269,7 @@ def winograd(ours: nn.Module, config: ModelConfig, case: Case, opts: argparse.Na
     prepacked = layout(ours, case.net, config, dtype, opts)["prepacked"]
     if case.net == "unet":
         call = unet_call(ours, config.unet, dtype, case.latent)
-        key = f"{decision_key(config.unet, dtype, case.latent)} packed {prepacked}"
+        key = unet_key(config.unet, dtype, case.latent, prepacked)
     else:
         call = decoder_call(ours, case.latent)
         key = decoder_key(config.autoencoder, dtype, case.latent, prepacked)

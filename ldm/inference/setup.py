@@ -111,6 +111,12 @@ def decoder_call(autoencoder: torch.nn.Module, latent_side: LatentSide) -> Calla
     return run
 
 
+def unet_key(config: UNetConfig, dtype: torch.dtype, latent_side: LatentSide,
+             prepacked: bool) -> str:
+    """What the U-Net's Winograd plan depends on besides the CPU."""
+    return f"{decision_key(config, dtype, latent_side)} packed {prepacked}"
+
+
 def decoder_key(config: AutoencoderConfig, dtype: torch.dtype, latent_side: LatentSide,
                 prepacked: bool) -> str:
     """What the decoder's Winograd plan depends on besides the CPU."""
@@ -213,12 +219,11 @@ def plan_winograd(pipe: Pipeline, latent_side: LatentSide, autotune: bool = True
     """The U-Net's and decoder's Winograd layers for latents of `latent_side` (choose_winograd:
     measured once per machine, then remembered), in place of those chosen for other sizes."""
     prepacked = any(getattr(m, "packing", False) for m in pipe.unet.modules())
-    unet = unet_call(pipe.unet, pipe.config.unet, pipe.dtype, latent_side, pipe.device)
-    key = f"{decision_key(pipe.config.unet, pipe.dtype, latent_side)} packed {prepacked}"
-    calls = {pipe.unet: (unet, key),
+    config, dtype = pipe.config, pipe.dtype
+    calls = {pipe.unet: (unet_call(pipe.unet, config.unet, dtype, latent_side, pipe.device),
+                         unet_key(config.unet, dtype, latent_side, prepacked)),
              pipe.autoencoder: (decoder_call(pipe.autoencoder, latent_side),
-                                decoder_key(pipe.config.autoencoder, pipe.dtype, latent_side,
-                                            prepacked))}
+                                decoder_key(config.autoencoder, dtype, latent_side, prepacked))}
     for net, (call, key) in calls.items():
         set_winograd(net, lambda conv: {})  # the kernels of another size's plan go first
         choose_winograd(net, call, key, pipe.dtype, pipe.device, autotune)
