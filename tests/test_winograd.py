@@ -253,6 +253,7 @@ def test_remembered_stores_any_value_and_remeasures_invalid(tmp_path, monkeypatc
 
 def test_load_pipeline_remembers_a_plan_per_network(tmp_path, monkeypatch) -> None:
     import ldm
+    from ldm.inference.images import decode
     from ldm.pipeline import Pipeline
     from test_inference_setup import tiny_config
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
@@ -283,6 +284,17 @@ def test_load_pipeline_remembers_a_plan_per_network(tmp_path, monkeypatch) -> No
     sides = {side for m in pipe.unet.modules() for side in getattr(m, "winograd_tiles", {})}
     assert sides and all(side != (default, default) for side in sides)
     assert (4, 6) in sides and all(h <= 4 and w <= 6 for h, w in sides)
+    # Decoded in tiles, the decoder's plan is for the tile's side, the U-Net's for the whole.
+    setup.prepare_size(pipe, 8 * f, 12 * f, vae_tile=8)
+    cache = json.loads((tmp_path / "cache" / "ldm" / CACHE_FILE).read_text())
+    assert {k.split("|")[1].split()[0] for k in cache
+            if k.startswith("winograd|") and " side 8x12 " in k} == {"unet"}
+    assert any(k.startswith("winograd|decoder") and " side 8 " in k for k in cache)
+    decoder_sides = {side for m in pipe.autoencoder.decoder.modules()
+                     for side in getattr(m, "winograd_tiles", {})}
+    assert (8, 8) in decoder_sides and all(h == w for h, w in decoder_sides)
+    z = torch.randn(1, pipe.latent_channels, 8, 12)
+    assert rel_l2(decode(pipe, z, 8), decode(direct, z, 8)) < 1e-5
 
 
 def test_no_winograd_where_its_kernels_would_crowd_memory(tmp_path, monkeypatch) -> None:

@@ -265,7 +265,8 @@ def run(task: Task, args: argparse.Namespace) -> None:
     pipe = load_model(args, ckpt, model_hash)
     options = (task.prepare or (lambda p, o, i, a: resolve(o, p)))(pipe, options, inputs, args)
     if not args.compile:  # a compiled U-Net keeps what it was compiled with
-        prepare_size(pipe, options.height, options.width, autotune=args.autotune)
+        prepare_size(pipe, options.height, options.width, options.vae_tile,
+                     autotune=args.autotune)
     common = {"task": task.name, "negative_prompt": options.negative_prompt,
               "sampler": options.sampler, "steps": options.steps,
               "scale": options.guidance_scale, "eta": options.eta, "height": options.height,

@@ -215,29 +215,37 @@ def prepare_pipeline(pipe: Pipeline, channels_last: bool | None = None, compile:
     return pipe
 
 
-def plan_winograd(pipe: Pipeline, latent_side: LatentSide, autotune: bool = True) -> None:
-    """The U-Net's and decoder's Winograd layers for latents of `latent_side` (choose_winograd:
-    measured once per machine, then remembered), in place of those chosen for other sizes."""
+def plan_winograd(pipe: Pipeline, latent_side: LatentSide, autotune: bool = True,
+                  decoder_side: LatentSide | None = None) -> None:
+    """The U-Net's Winograd layers for latents of `latent_side` and the decoder's for the
+    latents it decodes at once, `decoder_side` (default: the same; a tile's side for tiled
+    decoding), each measured once per machine (choose_winograd) and applied in place of those
+    chosen for other sizes."""
     prepacked = any(getattr(m, "packing", False) for m in pipe.unet.modules())
     config, dtype = pipe.config, pipe.dtype
+    decoder_side = latent_side if decoder_side is None else decoder_side
     calls = {pipe.unet: (unet_call(pipe.unet, config.unet, dtype, latent_side, pipe.device),
                          unet_key(config.unet, dtype, latent_side, prepacked)),
-             pipe.autoencoder: (decoder_call(pipe.autoencoder, latent_side),
-                                decoder_key(config.autoencoder, dtype, latent_side, prepacked))}
+             pipe.autoencoder: (decoder_call(pipe.autoencoder, decoder_side),
+                                decoder_key(config.autoencoder, dtype, decoder_side, prepacked))}
     for net, (call, key) in calls.items():
         set_winograd(net, lambda conv: {})  # the kernels of another size's plan go first
         choose_winograd(net, call, key, pipe.dtype, pipe.device, autotune)
 
 
-def prepare_size(pipe: Pipeline, height: int, width: int, autotune: bool = True) -> None:
-    """Make `pipe` fast for images of height x width pixels: prepare_pipeline plans the
-    Winograd layers for the default size, this for another (the first time on a machine: about
-    a minute at SD size)."""
+def prepare_size(pipe: Pipeline, height: int, width: int, vae_tile: int = 0,
+                 autotune: bool = True) -> None:
+    """Make `pipe` fast for images of height x width pixels whose latents are decoded in
+    tiles of side `vae_tile` (0: in one pass, ldm.models.tiling): prepare_pipeline plans the
+    Winograd layers for the default size decoded in one pass, this for another size or tiling
+    (the first time on a machine: about a minute at SD size)."""
     f = pipe.downsampling_factor
     side = (height // f, width // f)
+    # A tiled decode sees tiles of vae_tile (or the whole side, where that is smaller).
+    decoder_side = tuple(min(s, vae_tile) for s in side) if vae_tile else side
     default = default_image_size(pipe) // f
-    if side != (default, default):
-        plan_winograd(pipe, side, autotune)
+    if (side, decoder_side) != ((default, default), (default, default)):
+        plan_winograd(pipe, side, autotune, decoder_side)
         release_free_memory()
 
 
