@@ -62,6 +62,19 @@ def test_decide_measures_once_and_remembers(tmp_path, monkeypatch) -> None:
         autotune.decide("demo", "k", candidates, default="other")
 
 
+def test_a_long_measurement_says_what_it_is_doing(tmp_path, monkeypatch, capsys) -> None:
+    import time
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(autotune, "NOTICE_AFTER_S", 0.05)
+    assert autotune.remembered("quick", "k", lambda: "v", default="") == "v"
+    assert capsys.readouterr().err == ""  # done before the notice was due
+    assert autotune.remembered("slow", "k 64", lambda: time.sleep(0.5) or "v", default="") == "v"
+    err = capsys.readouterr().err
+    assert "measuring slow for k 64" in err and autotune.CACHE_FILE in err
+    assert autotune.remembered("slow", "k 64", lambda: time.sleep(0.5) or "w", default="") == "v"
+    assert capsys.readouterr().err == ""  # remembered: nothing measured, nothing said
+
+
 def test_load_pipeline_gives_frozen_networks_in_the_measured_format(tmp_path) -> None:
     path = tmp_path / "tiny.safetensors"
     Pipeline.from_config(tiny_config(), seed=1).save(path)

@@ -9,16 +9,23 @@ from __future__ import annotations
 
 import json
 import os
+import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
+
+from tqdm import tqdm
 
 from ldm.cpu import cpu_info
 
 K = TypeVar("K")
 
 CACHE_FILE = "autotune.json"
+# A measurement still running after this many seconds says what it is doing (at SD size the
+# first load measures for a few minutes; a tiny model's choices take well under a second).
+NOTICE_AFTER_S = 2.0
 
 
 def cache_dir() -> Path:
@@ -79,7 +86,8 @@ def decide(name: str, key: str, candidates: dict[str, Callable[[], object]], def
 def remembered(name: str, key: str, measure: Callable[[], str], default: str,
                enabled: bool = True, valid: Callable[[str], bool] = lambda value: True) -> str:
     """What `measure` returned for (name, key, this CPU), measured once and stored (a stored
-    value that is not `valid` is measured again); `default` when autotuning is off."""
+    value that is not `valid` is measured again); `default` when autotuning is off. A
+    measurement that takes longer than NOTICE_AFTER_S says so on stderr."""
     if not enabled:
         return default
     path = cache_dir() / CACHE_FILE
@@ -87,6 +95,14 @@ def remembered(name: str, key: str, measure: Callable[[], str], default: str,
     stored = _load(path).get(full_key)
     if isinstance(stored, str) and valid(stored):
         return stored
-    value = measure()
+    notice = threading.Timer(NOTICE_AFTER_S, tqdm.write, (
+        f"ldm: measuring {name} for {key} on this machine, once (remembered in {path}; "
+        "without autotuning, e.g. --no-autotune, nothing is measured)",), {"file": sys.stderr})
+    notice.daemon = True
+    notice.start()
+    try:
+        value = measure()
+    finally:
+        notice.cancel()
     _store(path, {**_load(path), full_key: value})
     return value

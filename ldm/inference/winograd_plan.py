@@ -12,8 +12,9 @@ from collections.abc import Callable
 from types import MappingProxyType
 
 import torch
+from tqdm import tqdm
 
-from ldm.inference.autotune import best_times, remembered
+from ldm.inference.autotune import NOTICE_AFTER_S, best_times, remembered
 from ldm.models.prepacked import set_winograd, winograd_applies
 from ldm.models.winograd import TILES
 
@@ -66,7 +67,9 @@ def choose_winograd(net: torch.nn.Module, call: Callable[[], object], key: str,
     def measure() -> str:
         plan: list[str] = []
         tiles: dict[tuple, int | None] = {}  # per layer shape: layers repeat in a U-Net
-        for conv, shape in conv_inputs(net, call).items():
+        layers = conv_inputs(net, call).items()
+        for conv, shape in tqdm(layers, desc="timing 3x3 layers", unit="layer", leave=False,
+                                delay=NOTICE_AFTER_S):
             shape_key = (conv.in_channels, conv.out_channels, *shape)
             if shape_key not in tiles:
                 tiles[shape_key] = winograd_tile(conv, shape, device)
