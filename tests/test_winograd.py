@@ -295,6 +295,10 @@ def test_load_pipeline_remembers_a_plan_per_network(tmp_path, monkeypatch) -> No
     assert (8, 8) in decoder_sides and all(h == w for h, w in decoder_sides)
     z = torch.randn(1, pipe.latent_channels, 8, 12)
     assert rel_l2(decode(pipe, z, 8), decode(direct, z, 8)) < 1e-5
+    # Back to the default size: its plans again.
+    setup.prepare_size(pipe, default * f, default * f)
+    sides = {side for m in pipe.unet.modules() for side in getattr(m, "winograd_tiles", {})}
+    assert (default, default) in sides
 
 
 def test_no_winograd_where_its_kernels_would_crowd_memory(tmp_path, monkeypatch) -> None:

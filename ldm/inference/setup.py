@@ -236,17 +236,16 @@ def plan_winograd(pipe: Pipeline, latent_side: LatentSide, autotune: bool = True
 def prepare_size(pipe: Pipeline, height: int, width: int, vae_tile: int = 0,
                  autotune: bool = True) -> None:
     """Make `pipe` fast for images of height x width pixels whose latents are decoded in
-    tiles of side `vae_tile` (0: in one pass, ldm.models.tiling): prepare_pipeline plans the
-    Winograd layers for the default size decoded in one pass, this for another size or tiling
-    (the first time on a machine: about a minute at SD size)."""
+    tiles of side `vae_tile` (0: in one pass, ldm.models.tiling), in place of the size it was
+    made fast for before (prepare_pipeline: the default size in one pass). Remembered plans
+    only switch layers (kernels are made at the next call); the first time on a machine a size
+    is measured, about a minute at SD size."""
     f = pipe.downsampling_factor
     side = (height // f, width // f)
     # A tiled decode sees tiles of vae_tile (or the whole side, where that is smaller).
     decoder_side = tuple(min(s, vae_tile) for s in side) if vae_tile else side
-    default = default_image_size(pipe) // f
-    if (side, decoder_side) != ((default, default), (default, default)):
-        plan_winograd(pipe, side, autotune, decoder_side)
-        release_free_memory()
+    plan_winograd(pipe, side, autotune, decoder_side)
+    release_free_memory()
 
 
 def load_pipeline(checkpoint: str | Path, config: ModelConfig | str | Path | None = None,
