@@ -122,7 +122,8 @@ setup(
     package_data={"ldm": ["assets/*.safetensors", "assets/*.json"]},
     python_requires=">=3.10",
     # pip install -e .[app]: the Streamlit app (streamlit run scripts/app.py)
-    extras_require={"app": ["streamlit==1.64.0", "streamlit-drawable-canvas-fix==0.9.8"]},
+    extras_require={"app": ["streamlit==1.64.0", "streamlit-drawable-canvas-fix==0.9.8"],
+                    "openvino": ["openvino==2026.4.1"]},
     ext_modules=_extensions(),
     cmdclass=_cmdclass(),
 )

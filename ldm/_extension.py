@@ -25,3 +25,10 @@ def fused_device_types(op: str) -> frozenset[str]:
         return frozenset()
     return frozenset(device for device, key in (("cpu", "CPU"), ("cuda", "CUDA"))
                      if torch._C._dispatch_has_kernel_for_dispatch_key(f"ldm::{op}", key))
+
+
+def exporting() -> bool:
+    """True while TorchScript traces the call (openvino.convert_model, torch.onnx's exporter):
+    the graph is for another runtime, so modules take their plain-PyTorch form (no ldm ops,
+    no cached or packed kernels) and that runtime makes its own kernel choices."""
+    return torch.jit.is_tracing()

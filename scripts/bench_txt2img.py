@@ -29,7 +29,7 @@ import torch
 
 from ldm.bench import format_table, median, peak_rss_mib, reset_peak_rss
 from ldm.inference.setup import prepare_pipeline
-from ldm.runtime import setup_cpu
+from ldm.runtime import release_free_memory, setup_cpu
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -76,15 +76,22 @@ class PeakMemory:
 
 
 def load(model: str, dtype: torch.dtype, channels_last: bool | None, compile: bool = False,
-         autotune: bool = True) -> "object":
-    """A Pipeline: the SD 2.1-base architecture with random weights, or a checkpoint file."""
+         autotune: bool = True, backend: str = "torch") -> "object":
+    """A Pipeline: the SD 2.1-base architecture with random weights, or a checkpoint file;
+    backend "openvino" runs its U-Net and VAE decoder through OpenVINO (dtype its hint)."""
     import ldm
     from ldm.pipeline import Pipeline
+    load_dtype = torch.float32 if backend == "openvino" else dtype
     if model == "sd2-base":
-        pipe = Pipeline.from_config("sd2", dtype=dtype, seed=0)
+        pipe = Pipeline.from_config("sd2", dtype=load_dtype, seed=0)
     else:
-        pipe = ldm.load_pipeline(Path(model), dtype=dtype, prepare=False)
+        pipe = ldm.load_pipeline(Path(model), dtype=load_dtype, prepare=False)
     pipe.text_encoder.eval().requires_grad_(False)
+    if backend == "openvino":
+        from ldm.inference.openvino_backend import default_cache, use_openvino
+        use_openvino(pipe, dtype, default_cache())
+        release_free_memory()  # as ldm.load_pipeline does
+        return pipe
     return prepare_pipeline(pipe, channels_last=channels_last, compile=compile, autotune=autotune)
 
 
@@ -169,6 +176,10 @@ def main() -> None:
                         help="no measured layout: channels_last, unpacked weights, direct "
                              "convolutions (no Winograd)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the U-Net")
+    parser.add_argument("--backend", choices=["torch", "openvino"], default="torch",
+                        help="what runs our U-Net and VAE decoder (ldm.load_pipeline's backend; "
+                             "openvino converts on first use, cached, and compiles in the "
+                             "warm-up run)")
     parser.add_argument("--no-allocator-tuning", dest="allocator", action="store_false")
     parser.add_argument("--side", choices=["ours", "peer", "openvino", "both", "all"],
                         default="ours",
@@ -190,7 +201,7 @@ def main() -> None:
         return main_peer(opts)
     setup_cpu(opts.threads, allocator=opts.allocator, dtype=PRECISIONS[opts.precision])
     pipe = load(opts.model, PRECISIONS[opts.precision], opts.channels_last, opts.compile,
-                opts.autotune)
+                opts.autotune, opts.backend)
     memory = PeakMemory()
     if opts.size is None:
         from ldm.inference import default_image_size
@@ -202,7 +213,8 @@ def main() -> None:
     total = median([r["total"] for r in runs])
     rows = [[k, f"{median([r[k] for r in runs]):.3f}",
              f"{100 * median([r[k] for r in runs]) / total:.2f}%"] for k in keys]
-    print(f"{opts.model}, {opts.precision}, {opts.size}x{opts.size}, {opts.steps} steps "
+    print(f"{opts.model}, {opts.backend}, {opts.precision}, {opts.size}x{opts.size}, "
+          f"{opts.steps} steps "
           f"{opts.sampler}, guidance {opts.scale}, {torch.get_num_threads()} threads, "
           f"{memory.report()}")
     print(format_table(["part", "seconds", "share"], rows))
@@ -220,7 +232,7 @@ def main_all(opts: argparse.Namespace) -> None:
     dtype = PRECISIONS[opts.precision]
     setup_cpu(opts.threads, allocator=opts.allocator, dtype=dtype)
     opts.size = opts.size or 512
-    ours = load(opts.model, dtype, opts.channels_last, opts.compile, opts.autotune)
+    ours = load(opts.model, dtype, opts.channels_last, opts.compile, opts.autotune, opts.backend)
     peer = load_peer(dtype)
     sides = {"ours": lambda o: run_once(ours, o), "diffusers": lambda o: run_peer_once(peer, o)}
     if opts.side == "all" and openvino_peer.available():
@@ -236,7 +248,8 @@ def main_all(opts: argparse.Namespace) -> None:
                              opts.repeats, warmup=0)
     ours_s = median(times["ours"])
     rows = [[name, f"{median(t):.2f}", f"{ours_s / median(t):.2f}"] for name, t in times.items()]
-    print(f"sd2-base, {opts.precision}, {opts.size}x{opts.size}, {opts.steps} steps ddim, "
+    print(f"sd2-base, ours on {opts.backend}, {opts.precision}, {opts.size}x{opts.size}, "
+          f"{opts.steps} steps ddim, "
           f"guidance {opts.scale}, {torch.get_num_threads()} threads, allocator "
           f"{'tuned' if opts.allocator else 'glibc default'} for all, {opts.repeats} runs each")
     print(format_table(["side", "seconds", "ours / side"], rows))

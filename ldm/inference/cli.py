@@ -102,6 +102,11 @@ def parse_args(task: Task, argv: list[str] | None) -> argparse.Namespace:
                         "oneDNN-packed weights, Winograd per fp32 layer; first use of a model, "
                         "remembered in ~/.cache/ldm): use channels_last, unpacked, direct, e.g. "
                         "for reproducible benchmarks")
+    p.add_argument("--backend", default="torch", choices=["torch", "openvino"],
+                   help="what runs the U-Net and VAE decoder: torch (default), or openvino (CPU "
+                        "only; needs pip install -e '.[openvino]'; first use of a model converts "
+                        "it, about 2 min at SD size, kept in ~/.cache/ldm/openvino; --precision "
+                        "is its precision hint)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the U-Net with frozen weights (inductor); the first "
                         "call compiles (about a minute on a CPU), later steps run faster")
@@ -125,6 +130,20 @@ def sampling_options(task: Task, args: argparse.Namespace) -> SamplingOptions:
                            classifier_scale=args.classifier_scale, **task.options(args))
 
 
+def check_openvino(args: argparse.Namespace) -> None:
+    """--backend openvino: installed, on the CPU, not combined with torch-only flags."""
+    from ldm.inference.openvino_backend import available
+    if not available():
+        raise UsageError("--backend openvino needs the openvino package: "
+                         "pip install -e '.[openvino]'")
+    if args.device == "cuda":
+        raise UsageError("--backend openvino runs on the CPU (drop --device cuda)")
+    args.device = "cpu"
+    for flag, name in (("--compile", "compile"), ("--cuda-graph", "cuda_graph")):
+        if getattr(args, name, False):
+            raise UsageError(f"{flag} is for the torch backend (drop it with --backend openvino)")
+
+
 def validate(task: Task, args: argparse.Namespace) -> list[str]:
     """Checks of the shared flags that need no model; returns the prompts."""
     import torch
@@ -133,6 +152,8 @@ def validate(task: Task, args: argparse.Namespace) -> list[str]:
             raise UsageError(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.n_rows < 0:
         raise UsageError(f"--n_rows must be >= 0, got {args.n_rows}")
+    if args.backend == "openvino":
+        check_openvino(args)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA GPU is available here (use --device cpu or auto)")
     args.device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
@@ -204,6 +225,7 @@ def apply_png_parameters(task: Task, args: argparse.Namespace, params: dict) -> 
     args.steps, args.sampler, args.scale = params["steps"], params["sampler"], params["scale"]
     args.ddim_eta, args.H, args.W = params.get("eta"), params["height"], params["width"]
     args.precision = params.get("precision", args.precision)
+    args.backend = params.get("backend", "torch")
     args.config = args.config or params.get("config")
     if args.ckpt is None and params.get("model") and Path(params["model"]).is_file():
         args.ckpt = params["model"]
@@ -235,6 +257,10 @@ def load_model(args: argparse.Namespace, ckpt: Path, model_hash: str) -> "Pipeli
         raise UsageError(f"--from-png: the image was made with model {args.expected_hash[:12]}, "
                          f"but {ckpt} is {model_hash[:12]} (pass the matching --ckpt)")
     dtype = getattr(torch, PRECISIONS[args.precision])
+    if args.backend == "openvino":  # OpenVINO makes its own kernel and memory choices
+        setup_cpu(allocator=False)
+        return load_pipeline(ckpt, config=args.config, device=args.device, dtype=dtype,
+                             backend="openvino")
     pipe = load_pipeline(ckpt, config=args.config, device=args.device, dtype=dtype, prepare=False)
     setup_cpu(dtype=dtype)  # keep freed activations mapped between steps (glibc mallopt)
     # Layout measured once per machine (or channels_last, unpacked, direct with --no-autotune).
@@ -264,7 +290,7 @@ def run(task: Task, args: argparse.Namespace) -> None:
                             samples, outdir, args.device)
     pipe = load_model(args, ckpt, model_hash)
     options = (task.prepare or (lambda p, o, i, a: resolve(o, p)))(pipe, options, inputs, args)
-    if not args.compile:  # a compiled U-Net keeps what it was compiled with
+    if not args.compile and args.backend == "torch":  # a compiled U-Net keeps its plans
         prepare_size(pipe, options.height, options.width, options.vae_tile,
                      autotune=args.autotune)
     common = {"task": task.name, "negative_prompt": options.negative_prompt,
@@ -272,6 +298,7 @@ def run(task: Task, args: argparse.Namespace) -> None:
               "scale": options.guidance_scale, "eta": options.eta, "height": options.height,
               "width": options.width, "batch_size": options.num_images, "model": str(ckpt),
               "model_hash": model_hash, "config": args.config, "precision": args.precision,
+              "backend": args.backend,
               "ldm_version": ldm.__version__, "torch_version": torch.__version__,
               "vae_tile": options.vae_tile, "inputs": record,
               **{name: getattr(options, name) for name in EDIT_FIELDS},

@@ -25,6 +25,7 @@ from ldm.pipeline import Pipeline
 from ldm.runtime import release_free_memory
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+BACKENDS = ("torch", "openvino")  # what runs the U-Net and VAE decoder (load_pipeline)
 
 
 def default_precision(device: str | torch.device) -> str:
@@ -251,19 +252,30 @@ def prepare_size(pipe: Pipeline, height: int, width: int, vae_tile: int = 0,
 def load_pipeline(checkpoint: str | Path, config: ModelConfig | str | Path | None = None,
                   device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
                   use_ema: bool = False, *, prepare: bool = True,
-                  autotune: bool = True) -> Pipeline:
+                  autotune: bool = True, backend: str = "torch") -> Pipeline:
     """A Pipeline from a checkpoint (ours or SD's; config: ModelConfig, our YAML, SD's YAML,
     a preset name, or None for the stored one), ready for inference.
 
     dtype: a torch dtype, "fp32" / "bf16" / "fp16", or None for default_precision(device).
     prepare: False returns the networks as loaded (fp32 modules converted to the dtype only).
     autotune: False skips measuring the memory format (channels_last, the former default).
+    backend: "torch", or "openvino" to run the U-Net and VAE decoder through OpenVINO
+    (ldm.inference.openvino_backend; the pipeline stays fp32 and dtype becomes OpenVINO's
+    precision hint; models kept in its default cache).
     """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if dtype is None:
         dtype = default_precision(device)
     if isinstance(dtype, str):
         if dtype not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {dtype!r}")
         dtype = PRECISIONS[dtype]
+    if backend == "openvino":
+        from ldm.inference.openvino_backend import default_cache, use_openvino
+        pipe = Pipeline.from_checkpoint(checkpoint, config, device, torch.float32, use_ema)
+        use_openvino(pipe, dtype, default_cache())
+        release_free_memory()  # the PyTorch U-Net and decoder just let go
+        return pipe
     pipe = Pipeline.from_checkpoint(checkpoint, config, device, dtype, use_ema)
     return prepare_pipeline(pipe, autotune=autotune) if prepare else pipe

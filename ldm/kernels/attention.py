@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ldm._extension import fused_device_types, has_extension
+from ldm._extension import exporting, fused_device_types, has_extension
 from ldm.cpu import cpu_info
 
 # A fact of the build (the CPU kernel is compiled only for AVX-512 hosts), fixed at import.
@@ -38,7 +38,7 @@ def uses_fused_attention(q: Tensor, k: Tensor, v: Tensor) -> bool:
     """True when flash_attention would run the fused kernel for these inputs."""
     return (q.device.type in _FUSED_DEVICES and fused_attention_wins() and q.dtype == torch.bfloat16
             and k.dtype == v.dtype == torch.bfloat16 and q.shape[-1] <= MAX_HEAD_DIM
-            and k.shape[-2] > 0
+            and k.shape[-2] > 0 and not exporting()
             and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad
                                                   or v.requires_grad)))
 

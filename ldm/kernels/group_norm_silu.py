@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ldm._extension import fused_device_types, has_extension
+from ldm._extension import exporting, fused_device_types, has_extension
 
 # Device types with a compiled kernel: a fact of the build, fixed once ldm._C is loaded
 # (a constant, so torch.compile folds the dispatch choice).
@@ -27,7 +27,7 @@ def group_norm_silu_reference(x: Tensor, num_groups: int, weight: Tensor | None 
 def group_norm_silu(x: Tensor, num_groups: int, weight: Tensor | None = None,
                     bias: Tensor | None = None, eps: float = 1e-5, silu: bool = True) -> Tensor:
     """GroupNorm over (N, C, *spatial) then optional SiLU; fused when ldm._C is built."""
-    if x.device.type in _FUSED_DEVICES:
+    if x.device.type in _FUSED_DEVICES and not exporting():
         return torch.ops.ldm.group_norm_silu(x, num_groups, weight, bias, eps, silu)[0]
     return group_norm_silu_reference(x, num_groups, weight, bias, eps, silu)
 

@@ -27,6 +27,7 @@ from types import MappingProxyType
 import torch
 from torch import Tensor, nn
 
+from ldm._extension import exporting
 from ldm.models.winograd import TILES, transform_weight, winograd_conv2d
 
 _WeightKey = tuple[int, int, torch.dtype]
@@ -128,7 +129,7 @@ class PrepackedConv2d(nn.Conv2d):
 
     def forward(self, x: Tensor) -> Tensor:
         if (self.padding_mode == "zeros" and not isinstance(self.padding, str)
-                and can_pack(x, self.weight)):
+                and can_pack(x, self.weight) and not exporting()):
             m = self.winograd_tiles.get(tuple(x.shape[-2:]))
             if m is not None and x.dtype == torch.float32:
                 u = self._winograd_weight(m)

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ldm._extension import exporting
 from ldm.models.prepacked import PackedWeight, can_pack, packed_conv2d, weight_key
 
 # _FOLD[a][tap][row]: which of the 3x3 kernel's rows phase a adds into its 2-row tap.
@@ -103,6 +104,9 @@ class Upsample(nn.Module):
 
     def forward(self, x: Tensor, size: tuple[int, int] | None = None) -> Tensor:
         """Upsample to `size` (default: 2x) with nearest neighbours, then convolve."""
+        if exporting():  # the textbook form for another runtime (equal for 2x, see above)
+            return self.conv(F.interpolate(x, size=size, scale_factor=None if size else 2.0,
+                                           mode="nearest"))
         if size is None or tuple(size) == (2 * x.shape[-2], 2 * x.shape[-1]):
             kernels = self._kernels(is_channels_last(x))
             # Only cached kernels are packed: those refolded on every call (inference-tensor
