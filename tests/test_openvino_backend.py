@@ -12,9 +12,10 @@ from PIL import Image
 import ldm
 from ldm._extension import fused_device_types
 from ldm.errors import LdmError
+from ldm.inference import SamplingOptions, inpaint, upscale
 from ldm.inference import openvino_backend
 from ldm.models.prepacked import set_prepacked, set_winograd
-from conftest import load_script, perturb, rel_l2, tiny_pipeline
+from conftest import FIXTURES, load_script, perturb, rel_l2, tiny_pipeline
 
 
 def need_openvino():
@@ -199,3 +200,29 @@ def test_script_without_openvino_says_how_to_install(tiny_checkpoint, tmp_path, 
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "pip install" in err, err
     assert Path(tmp_path / "o").exists() is False
+
+
+EDIT = FIXTURES / "editing_dev"
+
+
+@pytest.mark.skipif(not EDIT.is_dir(), reason="reference fixtures not present")
+def test_editing_models_run_through_openvino_as_through_pytorch():
+    """The inpainting U-Net (9 input channels) and the x4 upscaler's (class labels for the
+    noise level, a VAE of factor 4) convert and give PyTorch's images."""
+    need_openvino()
+    rng = np.random.default_rng(0)
+    picture = Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    mask = Image.fromarray(np.where(np.arange(32)[:, None] < 16, 255, 0).astype(np.uint8)
+                           .repeat(32, axis=1))
+    small = picture.resize((8, 8))
+    jobs = {"tiny_inpaint": lambda pipe: inpaint(pipe, SamplingOptions(
+                prompt="a cat", steps=3, seed=1, height=32, width=32), picture, mask),
+            "tiny_x4": lambda pipe: upscale(pipe, SamplingOptions(
+                prompt="a cat", steps=3, seed=1, guidance_scale=3.0, noise_level=20), small)}
+    for name, job in jobs.items():
+        files = (EDIT / f"{name}.safetensors", EDIT / f"{name}.yaml")
+        images = [job(ldm.load_pipeline(*files, dtype=torch.float32, backend=backend,
+                                        **({"autotune": False} if backend == "torch" else {})))
+                  for backend in ("torch", "openvino")]
+        a, b = (np.asarray(im[0]).astype(int) for im in images)
+        assert a.shape == b.shape and np.abs(a - b).max() <= 2, (name, np.abs(a - b).max())

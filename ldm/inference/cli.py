@@ -105,7 +105,7 @@ def parse_args(task: Task, argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--backend", default="torch", choices=["torch", "openvino"],
                    help="what runs the U-Net and VAE decoder: torch (default), or openvino (CPU "
                         "only; needs pip install -e '.[openvino]'; first use of a model converts "
-                        "it, about 2 min at SD size, kept in ~/.cache/ldm/openvino; --precision "
+                        "it, minutes at SD size, once: kept in ~/.cache/ldm/openvino; --precision "
                         "is its precision hint)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the U-Net with frozen weights (inductor); the first "
