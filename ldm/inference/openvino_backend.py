@@ -51,6 +51,13 @@ def require() -> None:
                        "pip install -e '.[openvino]'")
 
 
+def hint(precision: torch.dtype) -> str:
+    """OpenVINO's inference-precision hint for a torch dtype (fp32 or bf16)."""
+    if precision not in HINTS:
+        raise LdmError(f"the OpenVINO backend runs fp32 or bf16, not {precision}")
+    return HINTS[precision]
+
+
 def default_cache() -> Path:
     """<user cache>/ldm/openvino (beside the autotune decisions)."""
     return cache_dir() / "openvino"
@@ -141,15 +148,13 @@ class OpenVINONet(nn.Module):
                  precision: torch.dtype = torch.float32, threads: int | None = None,
                  cache: Path | None = None) -> None:
         super().__init__()
-        if precision not in HINTS:
-            raise LdmError(f"the OpenVINO backend runs fp32 or bf16, not {precision}")
         self.model, self.names, self.label = model, names, label
-        self.precision, self.cache = precision, cache
+        self.hint, self.cache = hint(precision), cache
         self.threads = threads or torch.get_num_threads()
         self._requests: dict[tuple[tuple[int, ...], ...], object] = {}
 
     def extra_repr(self) -> str:
-        return f"{self.label}({', '.join(self.names)}), hint={HINTS[self.precision]}, " \
+        return f"{self.label}({', '.join(self.names)}), hint={self.hint}, " \
                f"threads={self.threads}"
 
     def forward(self, *args: Tensor | None, **kwargs: Tensor | None) -> Tensor:
@@ -183,7 +188,7 @@ class OpenVINONet(nn.Module):
             core.set_property({"CACHE_DIR": str(self.cache / "compiled")})
         start = time.perf_counter()
         compiled = core.compile_model(model, "CPU", {
-            "INFERENCE_PRECISION_HINT": HINTS[self.precision],
+            "INFERENCE_PRECISION_HINT": self.hint,
             "INFERENCE_NUM_THREADS": self.threads, "PERFORMANCE_HINT": "LATENCY"})
         seconds = time.perf_counter() - start
         if seconds > 2.0:
@@ -196,6 +201,7 @@ def openvino_net(net: nn.Module, examples: Examples, precision: torch.dtype,
                  cache: Path | None) -> OpenVINONet:
     """`net` converted (or read from `cache`) for the example inputs, ready to compile."""
     require()
+    hint(precision)  # before minutes of conversion
     return OpenVINONet(convert(net, examples, cache), tuple(examples), type(net).__name__,
                        precision, cache=cache)
 
@@ -223,8 +229,6 @@ def use_openvino(pipe: Pipeline, precision: torch.dtype = torch.float32,
     require()
     if pipe.device.type != "cpu":
         raise LdmError(f"the OpenVINO backend runs on the CPU, not {pipe.device}")
-    if precision not in HINTS:
-        raise LdmError(f"the OpenVINO backend runs fp32 or bf16, not {precision}")
     unet_inputs, decoder_inputs = pipeline_examples(pipe)
     pipe.unet = openvino_net(pipe.unet, unet_inputs, precision, cache)
     pipe.autoencoder.decoder = openvino_net(pipe.autoencoder.decoder, decoder_inputs, precision,
