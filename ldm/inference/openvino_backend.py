@@ -9,8 +9,8 @@ input shapes with the precision as OpenVINO's inference-precision hint (f32, or 
 CPU has it: OpenVINO decides on CPUs without native bf16). For the SD 2.x U-Net on two cores a
 conversion takes about 1.5 min and a compilation 30 s, so both are kept on disk: converted
 models under <cache>/ldm/openvino/<digest of weights and inputs>/, compiled ones in OpenVINO's
-model cache beside them (CACHE_DIR; read back in a few seconds). That is about 2.7 GB per
-converted fp32 SD U-Net and 3.5 GB per compiled shape and precision (docs/performance.md).
+model cache beside them (CACHE_DIR; read back in a few seconds). That is about 3.5 GB per
+converted fp32 SD U-Net and as much per compiled shape and precision (docs/performance.md).
 
 Inputs reach OpenVINO as fp32: the networks here take integer timesteps and class labels as
 numbers they cast themselves, so one converted model serves both kinds of caller.
