@@ -1,8 +1,10 @@
 """OpenVINO as a benchmark peer: a diffusers module converted with openvino.convert_model and
 compiled for the CPU with static shapes, a precision hint and a fixed thread count.
 
-Benchmark-only (requirements-bench.txt); the project never imports OpenVINO. Imported by
-scripts/bench_models.py and scripts/bench_txt2img.py from this folder.
+Benchmark-only (requirements-bench.txt): the project's own OpenVINO backend
+(ldm/inference/openvino_backend.py, whose availability check and compilation this shares)
+converts our modules, this diffusers'. Imported by scripts/bench_models.py and
+scripts/bench_txt2img.py from this folder.
 """
 from __future__ import annotations
 
@@ -11,7 +13,10 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-HINTS = {"fp32": "f32", "bf16": "bf16"}
+from ldm.inference.openvino_backend import available, compile_request, hint
+
+__all__ = ["available", "convert", "compile_for", "patch_pipeline"]
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 class _SampleOnly(nn.Module):
@@ -40,10 +45,7 @@ def convert(model: nn.Module, net: str, example: tuple[Tensor, ...]) -> "object"
 
 def compile_for(converted: "object", precision: str, threads: int) -> Callable[..., Tensor]:
     """call(*tensors) -> fp32 tensor, compiled for the CPU with the precision hint."""
-    import openvino as ov
-    config = {"INFERENCE_PRECISION_HINT": HINTS[precision], "INFERENCE_NUM_THREADS": threads,
-              "PERFORMANCE_HINT": "LATENCY"}
-    request = ov.Core().compile_model(converted, "CPU", config).create_infer_request()
+    request = compile_request(converted, hint(PRECISIONS[precision]), threads, cache=None)
 
     def call(*tensors: Tensor) -> Tensor:
         arrays = [(t.float() if t.is_floating_point() else t).numpy() for t in tensors]
@@ -80,12 +82,3 @@ def patch_pipeline(pipe: "object", size: int, precision: str, threads: int) -> f
         return SimpleNamespace(sample=out) if return_dict else (out,)
     unet.forward, vae.decode = unet_forward, vae_decode
     return time.perf_counter() - start
-
-
-def available() -> bool:
-    """True when OpenVINO is installed (requirements-bench.txt)."""
-    try:
-        import openvino  # noqa: F401
-    except ImportError:
-        return False
-    return True

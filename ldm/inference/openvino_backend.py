@@ -183,18 +183,26 @@ class OpenVINONet(nn.Module):
             raise LdmError(f"{self.label} through OpenVINO cannot take inputs of shapes "
                            f"{[list(t.shape) for t in tensors]}: "
                            f"{str(err).strip().splitlines()[0]}") from None
-        core = ov.Core()
-        if self.cache is not None:
-            core.set_property({"CACHE_DIR": str(self.cache / "compiled")})
         start = time.perf_counter()
-        compiled = core.compile_model(model, "CPU", {
-            "INFERENCE_PRECISION_HINT": self.hint,
-            "INFERENCE_NUM_THREADS": self.threads, "PERFORMANCE_HINT": "LATENCY"})
+        request = compile_request(model, self.hint, self.threads, self.cache)
         seconds = time.perf_counter() - start
         if seconds > 2.0:
             _notice(f"compiled {self.label} for {[list(t.shape) for t in tensors]} in "
                     f"{seconds:.0f} s")
-        return compiled.create_infer_request()
+        return request
+
+
+def compile_request(model: object, hint: str, threads: int, cache: Path | None) -> object:
+    """An infer request for `model` (static shapes) on the CPU with the precision hint and a
+    fixed thread count, tuned for latency; compiled models kept under cache/compiled (None:
+    not kept). The benchmarks' OpenVINO peer compiles through here as well."""
+    import openvino as ov
+    core = ov.Core()
+    if cache is not None:
+        core.set_property({"CACHE_DIR": str(cache / "compiled")})
+    return core.compile_model(model, "CPU", {
+        "INFERENCE_PRECISION_HINT": hint, "INFERENCE_NUM_THREADS": threads,
+        "PERFORMANCE_HINT": "LATENCY"}).create_infer_request()
 
 
 def openvino_net(net: nn.Module, examples: Examples, precision: torch.dtype,
