@@ -33,8 +33,9 @@ from ldm.checkpoint import PREFIXES
 from ldm.config import ModelConfig
 from ldm.cpu import cpu_info
 from ldm.inference.setup import (choose_layout, compile_for_inference, decoder_call,
-                                 decoder_key, prepare_for_inference, unet_call, unet_key)
-from ldm.inference.winograd_plan import choose_winograd, conv_inputs
+                                 decoder_key, plan_network, prepare_for_inference, unet_call,
+                                 unet_key)
+from ldm.inference.winograd_plan import conv_inputs
 from ldm.models.winograd import TILES
 from ldm.presets import PRESETS
 from ldm.runtime import setup_cpu, tune_allocator
@@ -264,7 +265,8 @@ def layout(ours: nn.Module, net: str, config: ModelConfig, dtype: torch.dtype,
 
 
 def winograd(ours: nn.Module, config: ModelConfig, case: Case, opts: argparse.Namespace) -> None:
-    """Winograd layers for this case's latent size, as load_pipeline decides them for its."""
+    """Upsampling forms and Winograd layers for this case's latent size, as load_pipeline
+    decides them for its."""
     dtype = precision_dtype(case.precision)
     prepacked = layout(ours, case.net, config, dtype, opts)["prepacked"]
     if case.net == "unet":
@@ -273,12 +275,14 @@ def winograd(ours: nn.Module, config: ModelConfig, case: Case, opts: argparse.Na
     else:
         call = decoder_call(ours, case.latent)
         key = decoder_key(config.autoencoder, dtype, case.latent, prepacked)
-    used = choose_winograd(ours, call, key, dtype, autotune=opts.autotune and opts.winograd)
+    direct, used = plan_network(ours, call, key, dtype, autotune=opts.autotune,
+                                winograd=opts.winograd)
     # Which tile side each layer runs at this size (one more call, untimed).
     tiles = Counter(getattr(conv, "winograd_tiles", {}).get(tuple(shape[-2:]), 0)
                     for conv, shape in conv_inputs(ours, call).items())
     print(f"{case.label}: {used} convolutions by Winograd's algorithm ("
-          + ", ".join(f"F({m}x{m}, 3x3) {tiles[m]}" for m in TILES) + ")", flush=True)
+          + ", ".join(f"F({m}x{m}, 3x3) {tiles[m]}" for m in TILES) + "); upsampling "
+          + (f"direct at {direct}" if direct else "folded throughout"), flush=True)
 
 
 def run_case(case: Case, ours: nn.Module, ref: Tensor | None, peer: nn.Module,
@@ -341,7 +345,8 @@ def main() -> None:
                         help="every convolution direct; default: Winograd's F(2x2, 3x3) or "
                              "F(4x4, 3x3) for the fp32 U-Net and decoder layers where it "
                              "measures clearly faster on this machine, as ldm.load_pipeline "
-                             "decides (here per latent size)")
+                             "decides (here per latent size; the upsampling blocks' folded "
+                             "or direct form is still measured)")
     parser.add_argument("--no-autotune", dest="autotune", action="store_false",
                         help="no measured layout: channels_last, unpacked, direct, as with txt2img's "
                              "flag")

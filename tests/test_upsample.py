@@ -106,3 +106,29 @@ def test_target_size_gradients() -> None:
     up = Upsample(3).double()
     x = torch.randn(1, 3, 4, 3, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda t: up(t, (7, 5)), (x,))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_direct_sides_take_the_direct_form(channels_last: bool, monkeypatch) -> None:
+    """Blocks told to take the direct form at a side compute it there (and only there),
+    equal to the folded form, and let their folded kernels go."""
+    import ldm.models.upsample as upsample
+    torch.manual_seed(5)
+    up = Upsample(8).requires_grad_(False)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x, other = (torch.randn(s).contiguous(memory_format=fmt) for s in ((2, 8, 6, 5), (1, 8, 4, 4)))
+    with torch.no_grad():
+        folded, folded_other = up(x), up(other)
+    assert up._folded is not None
+    assert upsample.set_upsampling(up, lambda block: [(6, 5)]) == 1
+    assert up.direct_sides == {(6, 5)} and up._folded is None
+    folds = []
+    monkeypatch.setattr(upsample, "upsample_conv", lambda *a: folds.append(1) or upsample_conv(*a))
+    with torch.no_grad():
+        got = up(x)
+        assert not folds  # the direct form
+        got_other = up(other)
+        assert folds  # another side: folded
+    torch.testing.assert_close(got, folded, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_other, folded_other, rtol=0, atol=0)
+    assert upsample.set_upsampling(up, lambda block: ()) == 0 and not up.direct_sides

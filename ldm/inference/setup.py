@@ -3,7 +3,8 @@
 `load_pipeline` is what `ldm.load_pipeline` and the scripts use, so Python callers get the same
 fast path as the command line: the precision picked for the device (bf16 where the CPU does bf16
 arithmetic natively, see ldm.cpu), frozen eval-mode networks, and the convolution memory format,
-weight packing (ldm.models.prepacked) and, per fp32 layer, Winograd's algorithm
+weight packing (ldm.models.prepacked), per upsampling block the folded or the direct form
+(ldm.inference.upsample_plan) and, per fp32 layer, Winograd's algorithm
 (ldm.inference.winograd_plan) where they measured faster on this machine
 (ldm.inference.autotune).
 """
@@ -18,9 +19,11 @@ from ldm.config import AutoencoderConfig, ModelConfig, UNetConfig
 from ldm.cpu import cpu_info
 from ldm.inference.autotune import decide
 from ldm.inference.options import default_image_size
+from ldm.inference.upsample_plan import choose_upsampling
 from ldm.inference.winograd_plan import choose_winograd
 from ldm.models.prepacked import available as prepacking_available
 from ldm.models.prepacked import set_prepacked, set_winograd
+from ldm.models.upsample import set_upsampling
 from ldm.pipeline import Pipeline
 from ldm.runtime import release_free_memory
 
@@ -201,27 +204,28 @@ def prepare_pipeline(pipe: Pipeline, channels_last: bool | None = None, compile:
                      autotune: bool = True, prepacked: bool | None = None) -> Pipeline:
     """Frozen eval-mode networks in the pipeline's dtype (in place); channels_last and
     prepacked None decide per machine (choose_channels_last, choose_prepacked; the VAE follows
-    the U-Net's decisions); Winograd layers are chosen per network, for the U-Net at the
-    default image size and the decoder decoding it (plan_winograd; prepare_size for another
-    size); compile wraps the U-Net (compile_for_inference)."""
+    the U-Net's decisions); upsampling forms and Winograd layers are chosen per network, for
+    the U-Net at the default image size and the decoder decoding it (plan_layers;
+    prepare_size for another size); compile wraps the U-Net (compile_for_inference)."""
     side = default_image_size(pipe) // pipe.downsampling_factor
     layout = choose_layout(pipe.unet, pipe.config.unet, pipe.dtype, side, pipe.device, autotune,
                            channels_last, prepacked)
     for net in (pipe.unet, pipe.autoencoder):
         prepare_for_inference(net, pipe.dtype, **layout)
-    plan_winograd(pipe, side, autotune)
+    plan_layers(pipe, side, autotune)
     release_free_memory()  # what loading and converting freed
     if compile:
         pipe.unet = compile_for_inference(pipe.unet)
     return pipe
 
 
-def plan_winograd(pipe: Pipeline, latent_side: LatentSide, autotune: bool = True,
-                  decoder_side: LatentSide | None = None) -> None:
-    """The U-Net's Winograd layers for latents of `latent_side` and the decoder's for the
-    latents it decodes at once, `decoder_side` (default: the same; a tile's side for tiled
-    decoding), each measured once per machine (choose_winograd) and applied in place of those
-    chosen for other sizes."""
+def plan_layers(pipe: Pipeline, latent_side: LatentSide, autotune: bool = True,
+                decoder_side: LatentSide | None = None) -> None:
+    """The U-Net's upsampling forms, then its Winograd layers (which include the convolutions
+    of blocks that take the direct form), for latents of `latent_side`, and the decoder's for
+    the latents it decodes at once, `decoder_side` (default: the same; a tile's side for tiled
+    decoding), each measured once per machine (choose_upsampling, choose_winograd) and applied
+    in place of those chosen for other sizes."""
     prepacked = any(getattr(m, "packing", False) for m in pipe.unet.modules())
     config, dtype = pipe.config, pipe.dtype
     decoder_side = latent_side if decoder_side is None else decoder_side
@@ -230,8 +234,22 @@ def plan_winograd(pipe: Pipeline, latent_side: LatentSide, autotune: bool = True
              pipe.autoencoder: (decoder_call(pipe.autoencoder, decoder_side),
                                 decoder_key(config.autoencoder, dtype, decoder_side, prepacked))}
     for net, (call, key) in calls.items():
-        set_winograd(net, lambda conv: {})  # the kernels of another size's plan go first
-        choose_winograd(net, call, key, pipe.dtype, pipe.device, autotune)
+        plan_network(net, call, key, dtype, pipe.device, autotune)
+
+
+def plan_network(net: torch.nn.Module, call: Callable[[], object], key: str,
+                 dtype: torch.dtype, device: str | torch.device = "cpu", autotune: bool = True,
+                 winograd: bool = True) -> tuple[str, int]:
+    """One network's upsampling forms, then its Winograd layers (with the convolutions of the
+    blocks that take the direct form), for the inputs of `call`, in place of those chosen for
+    other inputs; winograd False keeps every convolution direct. Returns the upsampling plan
+    (choose_upsampling) and how many convolutions use Winograd's algorithm."""
+    set_winograd(net, lambda conv: {})  # the kernels of another size's plan go first
+    set_upsampling(net, lambda block: ())
+    direct = choose_upsampling(net, call, key, device, autotune)
+    if direct:  # the Winograd plan then also times the direct form's convolutions
+        key = f"{key} direct upsampling {direct}"
+    return direct, choose_winograd(net, call, key, dtype, device, autotune and winograd)
 
 
 def prepare_size(pipe: Pipeline, height: int, width: int, vae_tile: int = 0,
@@ -245,7 +263,7 @@ def prepare_size(pipe: Pipeline, height: int, width: int, vae_tile: int = 0,
     side = (height // f, width // f)
     # A tiled decode sees tiles of vae_tile (or the whole side, where that is smaller).
     decoder_side = tuple(min(s, vae_tile) for s in side) if vae_tile else side
-    plan_winograd(pipe, side, autotune, decoder_side)
+    plan_layers(pipe, side, autotune, decoder_side)
     release_free_memory()
 
 

@@ -10,8 +10,16 @@ per input-output channel pair and input pixel against 4 * 9 = 36 for the direct 
 fewer), and no 4x larger upsampled tensor. Measured on two AMD Zen 4 cores (fp32), the
 upsampling blocks of the SD VAE decoder and U-Net run 1.8-2.2x faster (docs/performance.md);
 outputs match the direct form to about 1e-6 relative (the folded weights are sums, rounded once).
+
+Fewer multiply-adds need not mean less time: the four phases are written apart by strided
+copies, and the direct form's convolution may run faster per multiply-add (AMX tiles, or
+Winograd's F(4x4, 3x3) in fp32 at 2.25 multiplies per output against folding's 4). So each
+block can be told to take the direct form for given input sides (set_upsampling; the choice is
+measured per machine, ldm.inference.upsample_plan).
 """
 from __future__ import annotations
+
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -74,8 +82,11 @@ class Upsample(nn.Module):
     direct form, nearest interpolation to that size then the convolution. Without gradients
     the folded kernels are cached and refolded when the weight changes (in-place update, dtype,
     device or memory-format change); with `prepacked` set (ldm.models.prepacked.set_prepacked)
-    they are also packed for oneDNN once.
+    they are also packed for oneDNN once. Inputs of the sides in `direct_sides` (set_upsampling)
+    take the direct form, nearest 2x then `conv`.
     """
+
+    direct_sides: frozenset[tuple[int, int]] = frozenset()
 
     def __init__(self, channels: int) -> None:
         super().__init__()
@@ -104,7 +115,9 @@ class Upsample(nn.Module):
 
     def forward(self, x: Tensor, size: tuple[int, int] | None = None) -> Tensor:
         """Upsample to `size` (default: 2x) with nearest neighbours, then convolve."""
-        if exporting():  # the textbook form for another runtime (equal for 2x, see above)
+        # The textbook form for another runtime, or where it measured faster (equal for 2x, see
+        # above).
+        if exporting() or tuple(x.shape[-2:]) in self.direct_sides:
             return self.conv(F.interpolate(x, size=size, scale_factor=None if size else 2.0,
                                            mode="nearest"))
         if size is None or tuple(size) == (2 * x.shape[-2], 2 * x.shape[-1]):
@@ -119,3 +132,20 @@ class Upsample(nn.Module):
         # border, where the 3x3 window meets zero padding instead of a repeated row; the
         # direct form is exact there and such sizes are rare.
         return self.conv(F.interpolate(x, size=tuple(size), mode="nearest"))
+
+
+def set_upsampling(module: nn.Module,
+                   direct_sides: Callable[[Upsample], Iterable[tuple[int, int]]]) -> int:
+    """Tell every Upsample in `module` the input sides (H, W) it should compute in the direct
+    form, `direct_sides(block)` (empty: folded throughout); returns how many take the direct
+    form for at least one side. Their folded kernels and packed copies are let go (made again
+    if a folded call needs them)."""
+    direct = 0
+    for sub in module.modules():
+        if isinstance(sub, Upsample):
+            sub.direct_sides = frozenset(tuple(side) for side in direct_sides(sub))
+            if sub.direct_sides:
+                sub._folded = None
+                sub.packed_kernels.clear()
+            direct += bool(sub.direct_sides)
+    return direct
