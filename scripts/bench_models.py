@@ -348,8 +348,8 @@ def main() -> None:
                              "decides (here per latent size; the upsampling blocks' folded "
                              "or direct form is still measured)")
     parser.add_argument("--no-autotune", dest="autotune", action="store_false",
-                        help="no measured layout: channels_last, unpacked, direct, as with txt2img's "
-                             "flag")
+                        help="no measured layout: channels_last, unpacked, folded upsampling, "
+                             "direct convolutions, as with txt2img's flag")
     parser.add_argument("--openvino", action=argparse.BooleanOptionalAction,
                         default=openvino_peer.available(),
                         help="add OpenVINO as a second peer (default: when it is installed)")

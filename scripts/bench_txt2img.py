@@ -173,8 +173,8 @@ def main() -> None:
                         help="force the U-Net and VAE into (or out of) channels_last; default: "
                              "the format ldm.load_pipeline measures on this machine")
     parser.add_argument("--no-autotune", dest="autotune", action="store_false",
-                        help="no measured layout: channels_last, unpacked weights, direct "
-                             "convolutions (no Winograd)")
+                        help="no measured layout: channels_last, unpacked weights, folded "
+                             "upsampling, direct convolutions (no Winograd)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the U-Net")
     parser.add_argument("--backend", choices=["torch", "openvino"], default="torch",
                         help="what runs our U-Net and VAE decoder (ldm.load_pipeline's backend; "

@@ -1,5 +1,4 @@
 """SD inference YAML translation, family detection and mismatch hints against the fixtures."""
-from pathlib import Path
 
 import pytest
 import yaml

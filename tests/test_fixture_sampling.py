@@ -4,7 +4,6 @@ DDIM eta 0 / eta 1 (injected per-step noise), eps and v, guidance 1, the text-co
 (encode_prompt + sample) and PLMS (sd1_dev); see ../shared/fixtures/README.md.
 """
 import json
-from pathlib import Path
 
 import pytest
 import torch

@@ -1,7 +1,6 @@
 """Schedules: SD buffers equal the reference checkpoints', each beta schedule's defining property."""
 import dataclasses
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -68,6 +67,10 @@ def test_posterior_matches_bayes_rule_numerically():
     assert sched.posterior_variance[t].item() == pytest.approx(1 / precision.item(), rel=1e-10)
     assert sched.posterior_mean_coef1[t].item() == pytest.approx(
         (abar_prev.sqrt() / (1 - abar_prev) / precision).item(), rel=1e-10)
+    # x_t's weight: sqrt(alpha) / beta over the same precision, alpha = abar / abar_prev.
+    assert (abar / abar_prev).item() == pytest.approx(1 - beta.item(), rel=1e-10)
+    assert sched.posterior_mean_coef2[t].item() == pytest.approx(
+        ((1 - beta).sqrt() / beta / precision).item(), rel=1e-10)
 
 
 def test_unknown_schedule_and_frozen():

@@ -2,7 +2,6 @@
 import json
 import re
 import warnings
-from pathlib import Path
 
 import pytest
 import torch

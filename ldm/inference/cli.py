@@ -99,9 +99,10 @@ def parse_args(task: Task, argv: list[str] | None) -> argparse.Namespace:
                         "pass; default: tiles of 64 when the latent is larger than 96 on a side")
     p.add_argument("--no-autotune", dest="autotune", action="store_false",
                    help="do not measure the convolutions on this machine (memory format, "
-                        "oneDNN-packed weights, Winograd per fp32 layer; first use of a model, "
-                        "remembered in ~/.cache/ldm): use channels_last, unpacked, direct, e.g. "
-                        "for reproducible benchmarks")
+                        "oneDNN-packed weights, folded or direct upsampling, Winograd per fp32 "
+                        "layer; first use of a model, remembered in ~/.cache/ldm): use "
+                        "channels_last, unpacked, folded, direct, e.g. for reproducible "
+                        "benchmarks")
     p.add_argument("--backend", default="torch", choices=["torch", "openvino"],
                    help="what runs the U-Net and VAE decoder: torch (default), or openvino (CPU "
                         "only; needs pip install -e '.[openvino]'; first use of a model converts "
@@ -263,7 +264,8 @@ def load_model(args: argparse.Namespace, ckpt: Path, model_hash: str) -> "Pipeli
                              backend="openvino")
     pipe = load_pipeline(ckpt, config=args.config, device=args.device, dtype=dtype, prepare=False)
     setup_cpu(dtype=dtype)  # keep freed activations mapped between steps (glibc mallopt)
-    # Layout measured once per machine (or channels_last, unpacked, direct with --no-autotune).
+    # Layout measured once per machine (channels_last, unpacked, folded, direct with
+    # --no-autotune).
     prepare_pipeline(pipe, compile=args.compile, autotune=args.autotune)
     return pipe
 
