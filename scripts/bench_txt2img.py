@@ -6,6 +6,7 @@
 sd2-base: the SD 2.1-base architecture (U-Net 865.9M, VAE 83.7M, OpenCLIP ViT-H-14 text tower
 from open_clip's registry) with random weights; nothing is downloaded.
 
+    python scripts/bench_txt2img.py --device cuda                   # on a GPU: fp16, CUDA timing
     python scripts/bench_txt2img.py --side peer --precision bf16   # diffusers' pipeline, same job
     python scripts/bench_txt2img.py --side openvino --precision bf16   # its U-Net and VAE in OpenVINO
 
@@ -31,13 +32,20 @@ from ldm.bench import format_table, median, peak_rss_mib, reset_peak_rss
 from ldm.inference.setup import prepare_pipeline
 from ldm.runtime import release_free_memory, setup_cpu
 
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def synchronizer(device: str) -> Callable[[], None]:
+    """What a wall-clock reading waits for first: the GPU's queued work on CUDA (kernels run
+    asynchronously), nothing on the CPU."""
+    return torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
 
 @contextmanager
-def timed_methods(targets: dict[str, tuple[object, str]],
-                  totals: dict[str, float]) -> Iterator[None]:
-    """Accumulate wall time of obj.method calls into totals[name] (wrappers removed on exit)."""
+def timed_methods(targets: dict[str, tuple[object, str]], totals: dict[str, float],
+                  sync: Callable[[], None] = lambda: None) -> Iterator[None]:
+    """Accumulate wall time of obj.method calls into totals[name] (wrappers removed on exit);
+    `sync` runs before each reading (synchronizer)."""
     originals = {}
     for name, (obj, method) in targets.items():
         original = getattr(obj, method)
@@ -46,10 +54,12 @@ def timed_methods(targets: dict[str, tuple[object, str]],
         originals[name] = (obj, method, vars(obj).get(method))
 
         def wrapper(*args, _f: Callable = original, _name: str = name, **kwargs):  # noqa: ANN202
+            sync()
             start = time.perf_counter()
             try:
                 return _f(*args, **kwargs)
             finally:
+                sync()
                 totals[_name] = totals.get(_name, 0.0) + time.perf_counter() - start
         setattr(obj, method, wrapper)
     try:
@@ -64,28 +74,38 @@ def timed_methods(targets: dict[str, tuple[object, str]],
 
 class PeakMemory:
     """Peak RSS of loading (random weights are built in fp32 first, on both sides) and, after
-    resetting the counter, of the txt2img runs themselves (loaded weights included)."""
+    resetting the counter, of the txt2img runs themselves (loaded weights included); on CUDA
+    the GPU memory PyTorch's allocator held at most, likewise."""
 
-    def __init__(self) -> None:
-        self.load_mib = peak_rss_mib()
-        self.reset = reset_peak_rss()
+    def __init__(self, device: str = "cpu") -> None:
+        self.cuda = device == "cuda"
+        if self.cuda:
+            self.load_mib = torch.cuda.max_memory_allocated() / 2**20
+            torch.cuda.reset_peak_memory_stats()
+            self.reset = True
+        else:
+            self.load_mib = peak_rss_mib()
+            self.reset = reset_peak_rss()
 
     def report(self) -> str:
+        if self.cuda:
+            return (f"peak GPU memory: load {self.load_mib:.0f} MiB, runs "
+                    f"{torch.cuda.max_memory_allocated() / 2**20:.0f} MiB")
         runs = f"{peak_rss_mib():.0f} MiB" if self.reset else "n/a (counter not resettable)"
         return f"peak RSS: load {self.load_mib:.0f} MiB, runs {runs}"
 
 
 def load(model: str, dtype: torch.dtype, channels_last: bool | None, compile: bool = False,
-         autotune: bool = True, backend: str = "torch") -> "object":
+         autotune: bool = True, backend: str = "torch", device: str = "cpu") -> "object":
     """A Pipeline: the SD 2.1-base architecture with random weights, or a checkpoint file;
     backend "openvino" runs its U-Net and VAE decoder through OpenVINO (dtype its hint)."""
     import ldm
     from ldm.pipeline import Pipeline
     load_dtype = torch.float32 if backend == "openvino" else dtype
     if model == "sd2-base":
-        pipe = Pipeline.from_config("sd2", dtype=load_dtype, seed=0)
+        pipe = Pipeline.from_config("sd2", device=device, dtype=load_dtype, seed=0)
     else:
-        pipe = ldm.load_pipeline(Path(model), dtype=load_dtype, prepare=False)
+        pipe = ldm.load_pipeline(Path(model), device=device, dtype=load_dtype, prepare=False)
     pipe.text_encoder.eval().requires_grad_(False)
     if backend == "openvino":
         from ldm.inference.openvino_backend import default_cache, use_openvino
@@ -143,11 +163,14 @@ def run_once(pipe: object, opts: argparse.Namespace) -> dict[str, float]:
     totals: dict[str, float] = {}
     targets = {"text encoder": (pipe.text_encoder, "encode"), "U-Net": (pipe.unet, "forward"),
                "VAE decode": (pipe.autoencoder, "decode")}
-    with timed_methods(targets, totals):
+    sync = synchronizer(opts.device)
+    with timed_methods(targets, totals, sync):
+        sync()
         start = time.perf_counter()
         txt2img(pipe, SamplingOptions(prompt=opts.prompt, height=opts.size, width=opts.size,
                                       steps=opts.steps, sampler=opts.sampler,
                                       guidance_scale=opts.scale, seed=0))
+        sync()
         totals["total"] = time.perf_counter() - start
     totals["outside networks"] = totals["total"] - sum(totals[k] for k in targets)
     return totals
@@ -157,9 +180,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="sd2-base",
                         help="'sd2-base' (random weights) or a checkpoint path")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="where ours runs (cuda: --side ours only; times wait for the GPU, "
+                             "memory is the GPU's)")
     parser.add_argument("--precision", default="auto", choices=["auto", *PRECISIONS],
-                        help="auto (default): what txt2img picks on this CPU (bf16 with "
-                             "avx512_bf16 or amx_bf16, else fp32)")
+                        help="auto (default): what txt2img picks for the device (CPU: bf16 "
+                             "with avx512_bf16 or amx_bf16, else fp32; CUDA: fp16)")
     parser.add_argument("--size", type=int, default=None,
                         help="image side in pixels (default: the model's native size, 512 for SD)")
     parser.add_argument("--steps", type=int, default=20)
@@ -192,17 +218,25 @@ def main() -> None:
     opts = parser.parse_args()
     from ldm.cpu import cpu_info
     from ldm.inference.setup import default_precision
+    if opts.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda: no CUDA GPU is available here")
+    if opts.device == "cuda" and (opts.side != "ours" or opts.backend != "torch"):
+        raise SystemExit("error: --device cuda runs only --side ours with --backend torch")
     if opts.precision == "auto":
-        opts.precision = default_precision("cpu")
-    print(f"{cpu_info().describe()}; torch {torch.__version__}", flush=True)
+        opts.precision = default_precision(opts.device)
+    if opts.precision == "fp16" and opts.device == "cpu":
+        raise SystemExit("error: --precision fp16 is for --device cuda (the CPU runs fp32 or bf16)")
+    where = (torch.cuda.get_device_name() if opts.device == "cuda" else cpu_info().describe())
+    print(f"{where}; torch {torch.__version__}", flush=True)
     if opts.side in ("both", "all"):
         return main_all(opts)
     if opts.side != "ours":
         return main_peer(opts)
-    setup_cpu(opts.threads, allocator=opts.allocator, dtype=PRECISIONS[opts.precision])
+    setup_cpu(opts.threads, allocator=opts.allocator and opts.device == "cpu",
+              dtype=PRECISIONS[opts.precision])
     pipe = load(opts.model, PRECISIONS[opts.precision], opts.channels_last, opts.compile,
-                opts.autotune, opts.backend)
-    memory = PeakMemory()
+                opts.autotune, opts.backend, opts.device)
+    memory = PeakMemory(opts.device)
     if opts.size is None:
         from ldm.inference import default_image_size
         opts.size = default_image_size(pipe)
@@ -213,7 +247,8 @@ def main() -> None:
     total = median([r["total"] for r in runs])
     rows = [[k, f"{median([r[k] for r in runs]):.3f}",
              f"{100 * median([r[k] for r in runs]) / total:.2f}%"] for k in keys]
-    print(f"{opts.model}, {opts.backend}, {opts.precision}, {opts.size}x{opts.size}, "
+    print(f"{opts.model}, {opts.device}, {opts.backend}, {opts.precision}, "
+          f"{opts.size}x{opts.size}, "
           f"{opts.steps} steps "
           f"{opts.sampler}, guidance {opts.scale}, {torch.get_num_threads()} threads, "
           f"{memory.report()}")
