@@ -121,3 +121,15 @@ def test_load_pipeline_plans_winograd_for_direct_blocks(tmp_path, monkeypatch) -
 def test_plans_of_another_format_are_measured_again() -> None:
     assert upsample_plan._is_plan("") and upsample_plan._is_plan("a.1@4x4;b@8x16")
     assert not upsample_plan._is_plan("a.1@4x4:2")
+
+
+def test_only_doubling_calls_are_planned() -> None:
+    """A block given another target size (the U-Net's odd skips) always takes the direct form,
+    so such calls are not timed."""
+    up = Upsample(4).requires_grad_(False)
+    x = torch.randn(1, 4, 3, 3)
+    assert set(upsample_plan.upsample_inputs(up, lambda: up(x, size=(5, 6)))) == set()
+    (got,) = upsample_plan.upsample_inputs(up, lambda: up(x, size=(6, 6))).values()
+    assert got is x
+    (got,) = upsample_plan.upsample_inputs(up, lambda: up(x)).values()
+    assert got is x

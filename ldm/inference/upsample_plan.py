@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from ldm.inference.autotune import NOTICE_AFTER_S, best_times, remembered
-from ldm.inference.winograd_plan import winograd_tile
+from ldm.inference.winograd_plan import Arguments, module_inputs, winograd_tile
 from ldm.models.prepacked import set_winograd
 from ldm.models.upsample import Upsample, set_upsampling
 
@@ -38,21 +38,12 @@ def upsample_inputs(net: torch.nn.Module,
                     call: Callable[[], object]) -> dict[Upsample, torch.Tensor]:
     """The input of every 2x Upsample block in one call (blocks given a target size other
     than 2x always take the direct form)."""
-    inputs: dict[Upsample, torch.Tensor] = {}
-
-    def record(block: Upsample, args: tuple, kwargs: dict) -> None:
+    def doubled(arguments: Arguments) -> bool:
+        args, kwargs = arguments
         size = kwargs.get("size", args[1] if len(args) > 1 else None)
-        x = args[0]
-        if size is None or tuple(size) == (2 * x.shape[-2], 2 * x.shape[-1]):
-            inputs[block] = x
-    hooks = [m.register_forward_pre_hook(record, with_kwargs=True) for m in net.modules()
-             if isinstance(m, Upsample)]
-    try:
-        call()
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return inputs
+        return size is None or tuple(size) == (2 * args[0].shape[-2], 2 * args[0].shape[-1])
+    calls = module_inputs(net, call, lambda m: isinstance(m, Upsample), doubled)
+    return {block: args[0] for block, (args, _) in calls.items()}
 
 
 def direct_is_faster(block: Upsample, x: torch.Tensor) -> bool:

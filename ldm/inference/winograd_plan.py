@@ -19,22 +19,36 @@ from ldm.models.prepacked import set_winograd, winograd_applies
 from ldm.models.winograd import TILES
 
 
-def conv_inputs(net: torch.nn.Module,
-                call: Callable[[], object]) -> dict[torch.nn.Module, torch.Size]:
-    """The channels_last input shape of every convolution Winograd's algorithm applies to, in
-    one call."""
-    shapes: dict[torch.nn.Module, torch.Size] = {}
+Arguments = tuple[tuple, dict]  # a module call's positional and keyword arguments
 
-    def record(conv: torch.nn.Module, args: tuple) -> None:
-        if args[0].is_contiguous(memory_format=torch.channels_last):  # the only calls it takes
-            shapes[conv] = args[0].shape
-    hooks = [m.register_forward_pre_hook(record) for m in net.modules() if winograd_applies(m)]
+
+def module_inputs(net: torch.nn.Module, call: Callable[[], object],
+                  wanted: Callable[[torch.nn.Module], bool],
+                  keep: Callable[[Arguments], bool]) -> dict[torch.nn.Module, Arguments]:
+    """The arguments of every `wanted` submodule of `net` in one `call`, where `keep` says
+    they are of a call a plan applies to."""
+    inputs: dict[torch.nn.Module, Arguments] = {}
+
+    def record(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        if keep((args, kwargs)):
+            inputs[module] = (args, kwargs)
+    hooks = [m.register_forward_pre_hook(record, with_kwargs=True) for m in net.modules()
+             if wanted(m)]
     try:
         call()
     finally:
         for hook in hooks:
             hook.remove()
-    return shapes
+    return inputs
+
+
+def conv_inputs(net: torch.nn.Module,
+                call: Callable[[], object]) -> dict[torch.nn.Module, torch.Size]:
+    """The channels_last input shape of every convolution Winograd's algorithm applies to, in
+    one call."""
+    calls = module_inputs(net, call, winograd_applies,  # channels_last: the only calls it takes
+                          lambda a: a[0][0].is_contiguous(memory_format=torch.channels_last))
+    return {conv: args[0].shape for conv, (args, _) in calls.items()}
 
 
 # Winograd's transformed kernels ((m + 2)^2 / 9 of each chosen layer's weight: 1.5-4 GB for
