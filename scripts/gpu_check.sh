@@ -9,12 +9,23 @@
 #   bash scripts/gpu_check.sh [OUT_DIR]        # default OUT_DIR: runs/gpu
 #
 # PYTHON picks the interpreter (default python3). The txt2img step needs open_clip (the SD 2.x
-# text tower). About 5 minutes on one H100 with 16 cores, most of it the build.
+# text tower); packages the machine lacks can come as wheels in WHEELS (default .whl, ignored
+# by git), made on a machine with an index, e.g. for Python 3.12:
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#     --platform manylinux2014_x86_64 -d .whl open-clip-torch==3.3.0 ftfy==6.3.1 wcwidth
+# About 5 minutes on one H100 with 16 cores, most of it the build.
 set -uo pipefail
 out=${1:-runs/gpu}
 py=${PYTHON:-python3}
 mkdir -p "$out"
 failed=()
+
+wheels=${WHEELS:-.whl}
+if compgen -G "$wheels/*.whl" > /dev/null; then
+  site=$(mktemp -d)
+  "$py" -m pip install -q --no-index --no-deps --target "$site" "$wheels"/*.whl &&
+    export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+fi
 
 step() {  # step NAME COMMAND...: run it, keep its output in $out/NAME.log
   local name=$1
