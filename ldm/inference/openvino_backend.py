@@ -194,12 +194,15 @@ class OpenVINONet(nn.Module):
 
 def compile_request(model: object, hint: str, threads: int, cache: Path | None) -> object:
     """An infer request for `model` (static shapes) on the CPU with the precision hint and a
-    fixed thread count, tuned for latency; compiled models kept under cache/compiled (None:
-    not kept). The benchmarks' OpenVINO peer compiles through here as well."""
+    fixed thread count, tuned for latency; compiled models kept under cache/compiled/<hint>
+    (None: not kept). The benchmarks' OpenVINO peer compiles through here as well."""
     import openvino as ov
     core = ov.Core()
     if cache is not None:
-        core.set_property({"CACHE_DIR": str(cache / "compiled")})
+        # One folder per hint: in a shared one, OpenVINO 2026.4 served the model compiled with
+        # the f32 hint to a bf16 compilation of the same model, whose outputs were then NaN
+        # (seen on an Intel Xeon with AMX, where the bf16 hint takes effect).
+        core.set_property({"CACHE_DIR": str(cache / "compiled" / hint)})
     return core.compile_model(model, "CPU", {
         "INFERENCE_PRECISION_HINT": hint, "INFERENCE_NUM_THREADS": threads,
         "PERFORMANCE_HINT": "LATENCY"}).create_infer_request()

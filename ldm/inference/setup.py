@@ -11,6 +11,7 @@ weight packing (ldm.models.prepacked), per upsampling block the folded or the di
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -22,6 +23,8 @@ from ldm.inference.options import default_image_size
 from ldm.inference.upsample_plan import choose_upsampling
 from ldm.inference.winograd_plan import choose_winograd
 from ldm.models.prepacked import available as prepacking_available
+from ldm.models.packed_linear import available as packed_linear_available
+from ldm.models.packed_linear import set_packed_linear
 from ldm.models.prepacked import set_prepacked, set_winograd
 from ldm.models.upsample import set_upsampling
 from ldm.pipeline import Pipeline
@@ -40,15 +43,19 @@ def default_precision(device: str | torch.device) -> str:
 
 
 def prepare_for_inference(module: torch.nn.Module, dtype: torch.dtype = torch.float32,
-                          channels_last: bool = False, prepacked: bool = False) -> torch.nn.Module:
+                          channels_last: bool = False, prepacked: bool = False,
+                          packed_linear: bool = False) -> torch.nn.Module:
     """Frozen eval-mode network in `dtype` (bf16: weights in bf16, norms and softmax keep fp32
     statistics inside the layers), with channels_last or plain (NCHW) convolution weights:
     either way explicitly, so a module prepared before in the other format is converted back.
     prepacked: convolutions keep a oneDNN-packed weight (ldm.models.prepacked; channels_last
-    only, where the packed path applies), set or unset explicitly too."""
+    only, where the packed path applies); packed_linear: so do linear layers, GEGLU with its
+    GELU and product inside the matrix multiply (ldm.models.packed_linear); both set or unset
+    explicitly too."""
     module = module.eval().requires_grad_(False).to(dtype)
     layout = torch.channels_last if channels_last else torch.contiguous_format
     set_prepacked(module, prepacked and channels_last)
+    set_packed_linear(module, packed_linear)
     return module.to(memory_format=layout)
 
 
@@ -140,26 +147,42 @@ def decision_key(config: UNetConfig, dtype: torch.dtype, latent_side: LatentSide
             f"ctx {config.context_dim} side {_side_text(latent_side)} {run_key(dtype)}")
 
 
+def measured_switch(name: str, unet: torch.nn.Module, config: UNetConfig, dtype: torch.dtype,
+                    latent_side: int, switch: Callable[[bool, bool], object], default: bool,
+                    device: str | torch.device = "cpu", autotune: bool = True) -> bool:
+    """On or off, whichever makes a U-Net call with a CFG-sized batch of 2 at `latent_side`
+    faster, measured once per CPU, U-Net width and dtype (`default` without autotuning).
+    `switch(on, drop)` sets the module up either way and is left at the choice; while
+    measuring `drop` is False, so what it packs survives switching off and only the warm-up
+    call packs (as a user's first call does, once)."""
+    call = unet_call(unet, config, dtype, latent_side, device)
+
+    def timed(on: bool) -> Callable[[], None]:
+        def run() -> None:
+            switch(on, False)
+            call()
+        return run
+    choice = decide(name, decision_key(config, dtype, latent_side),
+                    {"on": timed(True), "off": timed(False)},
+                    default="on" if default else "off", enabled=autotune) == "on"
+    switch(choice, True)
+    return choice
+
+
 def choose_channels_last(unet: torch.nn.Module, config: UNetConfig, dtype: torch.dtype,
                          latent_side: int, device: str | torch.device = "cpu",
                          autotune: bool = True) -> bool:
     """channels_last convolutions or not, measured once per CPU, U-Net width and dtype.
 
     On CUDA channels_last is kept (cuDNN's NHWC kernels); on the CPU oneDNN's choice of blocked
-    layouts differs by processor, so both formats are timed on a U-Net call with a CFG-sized
-    batch of 2 at `latent_side` (the module is left in the format timed last)."""
+    layouts differs by processor, so both formats are timed (measured_switch; the module is
+    left in the format chosen)."""
     if torch.device(device).type != "cpu":
         return True
-    call = unet_call(unet, config, dtype, latent_side, device)
-
-    def timed(channels_last: bool) -> Callable[[], None]:
-        def run() -> None:
-            prepare_for_inference(unet, dtype, channels_last=channels_last)
-            call()
-        return run
-    choice = decide("channels_last", decision_key(config, dtype, latent_side),
-                    {"on": timed(True), "off": timed(False)}, default="on", enabled=autotune)
-    return choice == "on"
+    return measured_switch(
+        "channels_last", unet, config, dtype, latent_side,
+        lambda on, _: prepare_for_inference(unet, dtype, channels_last=on), True, device,
+        autotune)
 
 
 def choose_prepacked(unet: torch.nn.Module, config: UNetConfig, dtype: torch.dtype,
@@ -170,43 +193,50 @@ def choose_prepacked(unet: torch.nn.Module, config: UNetConfig, dtype: torch.dty
     where this PyTorch lacks the ops. The module is left channels_last, packed as decided."""
     if torch.device(device).type != "cpu" or not prepacking_available():
         return False
-    call = unet_call(unet, config, dtype, latent_side, device)
     prepare_for_inference(unet, dtype, channels_last=True)
+    return measured_switch("prepacked", unet, config, dtype, latent_side,
+                           partial(set_prepacked, unet), False, device, autotune)
 
-    def timed(prepacked: bool) -> Callable[[], None]:
-        def run() -> None:
-            # Packed copies survive switching off here, so only the warm-up call packs (as a
-            # user's first call does, once).
-            set_prepacked(unet, prepacked, drop=False)
-            call()
-        return run
-    choice = decide("prepacked", decision_key(config, dtype, latent_side),
-                    {"on": timed(True), "off": timed(False)}, default="off", enabled=autotune)
-    set_prepacked(unet, choice == "on")
-    return choice == "on"
+
+def choose_packed_linear(unet: torch.nn.Module, config: UNetConfig, dtype: torch.dtype,
+                         latent_side: int, device: str | torch.device = "cpu",
+                         autotune: bool = True) -> bool:
+    """oneDNN-packed linear weights and the fused GEGLU (ldm.models.packed_linear) or not,
+    measured once per CPU, U-Net width and dtype with the U-Net in the memory format and
+    convolution packing it has; off without autotuning, off the CPU and where this PyTorch
+    lacks the ops. The module is left as decided."""
+    if torch.device(device).type != "cpu" or not packed_linear_available():
+        return False
+    return measured_switch("packed_linear", unet, config, dtype, latent_side,
+                           partial(set_packed_linear, unet), False, device, autotune)
 
 
 def choose_layout(unet: torch.nn.Module, config: UNetConfig, dtype: torch.dtype,
                   latent_side: int, device: str | torch.device = "cpu", autotune: bool = True,
-                  channels_last: bool | None = None,
-                  prepacked: bool | None = None) -> dict[str, bool]:
-    """prepare_for_inference's channels_last and prepacked: the given values, the others
-    decided per machine (packing is only measured for channels_last)."""
+                  channels_last: bool | None = None, prepacked: bool | None = None,
+                  packed_linear: bool | None = None) -> dict[str, bool]:
+    """prepare_for_inference's channels_last, prepacked and packed_linear: the given values,
+    the others decided per machine (convolution packing is only measured for channels_last)."""
     if channels_last is None:
         channels_last = choose_channels_last(unet, config, dtype, latent_side, device, autotune)
     if prepacked is None:
         prepacked = channels_last and choose_prepacked(unet, config, dtype, latent_side, device,
                                                        autotune)
-    return {"channels_last": channels_last, "prepacked": prepacked}
+    if packed_linear is None:
+        prepare_for_inference(unet, dtype, channels_last, prepacked)
+        packed_linear = choose_packed_linear(unet, config, dtype, latent_side, device, autotune)
+    return {"channels_last": channels_last, "prepacked": prepacked,
+            "packed_linear": packed_linear}
 
 
 def prepare_pipeline(pipe: Pipeline, channels_last: bool | None = None, compile: bool = False,
                      autotune: bool = True, prepacked: bool | None = None) -> Pipeline:
     """Frozen eval-mode networks in the pipeline's dtype (in place); channels_last and
-    prepacked None decide per machine (choose_channels_last, choose_prepacked; the VAE follows
-    the U-Net's decisions); upsampling forms and Winograd layers are chosen per network, for
-    the U-Net at the default image size and the decoder decoding it (plan_layers;
-    prepare_size for another size); compile wraps the U-Net (compile_for_inference)."""
+    prepacked None decide per machine (choose_channels_last, choose_prepacked; packed linears
+    always, choose_packed_linear; the VAE follows the U-Net's decisions); upsampling forms and
+    Winograd layers are chosen per network, for the U-Net at the default image size and the
+    decoder decoding it (plan_layers; prepare_size for another size); compile wraps the U-Net
+    (compile_for_inference)."""
     side = default_image_size(pipe) // pipe.downsampling_factor
     layout = choose_layout(pipe.unet, pipe.config.unet, pipe.dtype, side, pipe.device, autotune,
                            channels_last, prepacked)

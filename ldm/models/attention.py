@@ -7,6 +7,7 @@ from torch import Tensor, nn
 
 from ldm.kernels.attention import flash_attention
 from ldm.models.layers import GroupNormSiLU, zero_module
+from ldm.models.packed_linear import PackedMatrix, can_pack, linear_packed, linear_packed_times
 
 _REDUCED = (torch.float16, torch.bfloat16)
 
@@ -53,13 +54,26 @@ class CrossAttention(nn.Module):
 
 
 class GEGLU(nn.Module):
-    """Gated GELU projection: x W_a * gelu(x W_b) (Shazeer 2020)."""
+    """Gated GELU projection: x W_a * gelu(x W_b) (Shazeer 2020).
+
+    With `packing` (ldm.models.packed_linear.set_packed_linear) CPU inference multiplies by
+    the two halves of the weight apart, GELU and product inside oneDNN's matrix multiply."""
+
+    packing = False
+    packed_halves: tuple[PackedMatrix, PackedMatrix] | None = None
 
     def __init__(self, dim_in: int, dim_out: int) -> None:
         super().__init__()
         self.proj = nn.Linear(dim_in, dim_out * 2)
 
     def forward(self, x: Tensor) -> Tensor:
+        weight, bias = self.proj.weight, self.proj.bias
+        if self.packing and self.packed_halves is not None and can_pack(x, weight):
+            value, gate = (half.get(weight) for half in self.packed_halves)
+            if value is not None and gate is not None:
+                b_value, b_gate = (None, None) if bias is None else bias.chunk(2)
+                return linear_packed_times(x, linear_packed(x, gate, b_gate, "gelu"), value,
+                                           b_value)
         x, gate = self.proj(x).chunk(2, dim=-1)
         return x * F.gelu(gate)
 
