@@ -43,7 +43,7 @@ def test_roundtrip_rebuilds_from_file_alone(saved):
     tensors, metadata = ckpt.read_checkpoint(path)
     assert set(tensors) == set(pipe.state_dict())
     assert ckpt.config_from_metadata(metadata) == pipe.config
-    loaded = ldm.load_pipeline(path)
+    loaded = ldm.load_pipeline(path, dtype="fp32")
     x, t, c = torch.randn(1, 4, 8, 8), torch.tensor([5]), torch.randn(1, 77, 32)
     out = pipe.unet(x, t, c)
     assert out.abs().max() > 0
@@ -59,7 +59,7 @@ def test_ckpt_nested_and_flat(saved, tmp_path):
     for name, obj in (("nested.ckpt", {"state_dict": tensors, "global_step": 5}),
                       ("flat.pt", tensors)):
         torch.save(obj, tmp_path / name)
-        loaded = ldm.load_pipeline(tmp_path / name, config=pipe.config)
+        loaded = ldm.load_pipeline(tmp_path / name, config=pipe.config, dtype="fp32")
         z = torch.randn(1, 4, 16, 16)
         torch.testing.assert_close(loaded.decode_latents(z), pipe.decode_latents(z))
 
@@ -136,9 +136,9 @@ def test_ema_weights(saved, tmp_path):
     pipe.save(ema_path, ema_unet=ema)
     tensors, _ = ckpt.read_checkpoint(ema_path)
     assert "model_ema.diffusion_modelinput_blocks00weight" in tensors  # SD's LitEma naming
-    plain = ldm.load_pipeline(ema_path)
+    plain = ldm.load_pipeline(ema_path, dtype="fp32")
     assert torch.equal(plain.unet.out[2].bias, pipe.unet.out[2].bias)
-    with_ema = ldm.load_pipeline(ema_path, use_ema=True)
+    with_ema = ldm.load_pipeline(ema_path, use_ema=True, dtype="fp32")
     assert with_ema.unet.out[2].bias.eq(0.5).all()
     with pytest.raises(CheckpointError, match="no EMA weights"):
         ldm.load_pipeline(path, use_ema=True)
@@ -275,7 +275,7 @@ def test_sd1_variants_in_the_wild(saved, tmp_path):
         ckpt.write_checkpoint(file, variant, metadata)
         if name == "old_layout":
             assert ckpt.detect_family(variant) == "sd1"
-        loaded = ldm.load_pipeline(file)
+        loaded = ldm.load_pipeline(file, dtype="fp32")
         torch.testing.assert_close(loaded.encode_prompt(["a cat"]), pipe.encode_prompt(["a cat"]))
 
 

@@ -25,12 +25,12 @@ pytestmark = pytest.mark.skipif(not EDIT.is_dir(), reason="editing fixtures not 
 
 @pytest.fixture(scope="module")
 def inpaint():
-    return ldm.load_pipeline(*INPAINT), load_file(EDIT / "tiny_inpaint_ref.safetensors")
+    return ldm.load_pipeline(*INPAINT, dtype="fp32"), load_file(EDIT / "tiny_inpaint_ref.safetensors")
 
 
 @pytest.fixture(scope="module")
 def x4():
-    return ldm.load_pipeline(*X4), load_file(EDIT / "tiny_x4_ref.safetensors")
+    return ldm.load_pipeline(*X4, dtype="fp32"), load_file(EDIT / "tiny_x4_ref.safetensors")
 
 
 def test_inpaint_config_translation():
@@ -116,7 +116,7 @@ def test_x4_save_round_trip_keeps_sd_layout(x4, tmp_path):
     pipe.save(path)
     tensors, _ = ckpt.read_checkpoint(path)
     assert set(tensors) == set(load_file(X4[0]))  # low_scale_model.* included
-    loaded = ldm.load_pipeline(path)  # the stored config alone rebuilds it
+    loaded = ldm.load_pipeline(path, dtype="fp32")  # the stored config alone rebuilds it
     assert loaded.config == pipe.config and loaded.noise_augmentation is not None
 
 

@@ -29,7 +29,7 @@ def loaded(request, tmp_path_factory):
     if fmt == "ckpt":  # a Lightning-style .ckpt written from the same state dict
         path = tmp_path_factory.mktemp(name) / "model.ckpt"
         torch.save({"state_dict": load_file(base / weights), "global_step": 0}, path)
-    pipe = ldm.load_pipeline(path, config=base / yaml_name)
+    pipe = ldm.load_pipeline(path, config=base / yaml_name, dtype="fp32")
     ref = load_file(base / f"{ref_name}.safetensors")
     meta = json.loads((base / f"{ref_name}_index.json").read_text())["meta"]
     return pipe, ref, meta, prediction

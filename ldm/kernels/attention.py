@@ -18,6 +18,9 @@ from ldm.cpu import cpu_info
 
 # A fact of the build (the CPU kernel is compiled only for AVX-512 hosts), fixed at import.
 _FUSED_DEVICES = fused_device_types("flash_attention")
+# A fact of the machine, read at import too: reading /proc/cpuinfo from a torch.compile'd
+# call would break its graph.
+_AMX = cpu_info().amx_bf16
 MAX_HEAD_DIM = 512  # the kernel's limit (SD U-Net heads are 40-160, the VAE's one head 512)
 
 
@@ -31,7 +34,7 @@ def fused_attention_wins() -> bool:
     """The fused kernel's bf16 dot products (avx512_bf16 vdpbf16ps) beat PyTorch's SDPA
     except where AMX tiles (amx_bf16) run oneDNN's matmuls: measured on a Xeon with AMX, SDPA
     took 1.46 ms per SD U-Net attention call against the fused kernel's 3.2 ms."""
-    return not cpu_info().amx_bf16
+    return not _AMX
 
 
 def uses_fused_attention(q: Tensor, k: Tensor, v: Tensor) -> bool:
