@@ -128,3 +128,17 @@ def test_choose_packed_linear_measures_once_and_caches(tmp_path, monkeypatch) ->
     keys = [k for k in cache if k.startswith("packed_linear|")]
     assert len(keys) == 1 and cache[keys[0]] == ("on" if choice else "off")
     assert choose_packed_linear(unet, TINY_UNET, torch.float32, 8) is choice
+
+
+def test_plan_key_names_convolution_packing_only(monkeypatch) -> None:
+    """Packed linears alone leave the Winograd plan keyed as unpacked convolutions."""
+    from ldm.inference import setup
+    from conftest import tiny_pipeline
+    pipe = tiny_pipeline()
+    prepare = setup.prepare_for_inference
+    for net in (pipe.unet, pipe.autoencoder):
+        prepare(net, torch.float32, channels_last=True, prepacked=False, packed_linear=True)
+    keys = []
+    monkeypatch.setattr(setup, "plan_network", lambda net, call, key, *a, **k: keys.append(key))
+    setup.plan_layers(pipe, 8)
+    assert keys and all(key.endswith("packed False") for key in keys)

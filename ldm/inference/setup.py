@@ -256,7 +256,8 @@ def plan_layers(pipe: Pipeline, latent_side: LatentSide, autotune: bool = True,
     the latents it decodes at once, `decoder_side` (default: the same; a tile's side for tiled
     decoding), each measured once per machine (choose_upsampling, choose_winograd) and applied
     in place of those chosen for other sizes."""
-    prepacked = any(getattr(m, "packing", False) for m in pipe.unet.modules())
+    prepacked = any(getattr(m, "packing", False) for m in pipe.unet.modules()
+                    if isinstance(m, torch.nn.Conv2d))  # GEGLU's packing is its linears
     config, dtype = pipe.config, pipe.dtype
     decoder_side = latent_side if decoder_side is None else decoder_side
     calls = {pipe.unet: (unet_call(pipe.unet, config.unet, dtype, latent_side, pipe.device),
