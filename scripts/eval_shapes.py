@@ -52,6 +52,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--outdir", default="outputs/eval_shapes",
                    help="where grid.png and results.json go (default outputs/eval_shapes)")
     p.add_argument("--device", default="cpu", help="torch device for generation (default cpu)")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="auto (default): as txt2img.py, bf16 on CPUs with avx512_bf16 or "
+                        "amx_bf16, fp32 on other CPUs, fp16 on CUDA")
     p.add_argument("--classifier", default=None, help="latent classifier for classifier guidance")
     p.add_argument("--classifier-scale", type=float, default=1.0,
                    help="--classifier: guidance scale s (default 1)")
@@ -211,7 +214,10 @@ def evaluate_model(args: argparse.Namespace) -> tuple[dict, dict, dict, list]:
     ckpt = Path(args.ckpt) if args.ckpt else DEFAULT_MODEL
     if not ckpt.is_file():
         raise ValueError(f"checkpoint not found: {ckpt}")
-    pipe = ldm.load_pipeline(str(ckpt), device=args.device)
+    if args.precision == "auto":  # recorded concretely in results.json
+        from ldm.inference.setup import default_precision
+        args.precision = default_precision(args.device)
+    pipe = ldm.load_pipeline(str(ckpt), device=args.device, dtype=args.precision)
     triples = all_triples()
     if args.limit:  # a fixed random subset: every colour, shape and background turns up
         triples = sorted(random.Random(LIMIT_SEED).sample(triples, args.limit))

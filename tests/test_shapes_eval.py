@@ -100,6 +100,8 @@ def test_generation_loop(tmp_path, monkeypatch, broken):
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     summary = results["summary"]
     assert summary["count"] == 3 * 168 and len(results["predictions"]) == 3 * 168
+    from ldm.cpu import cpu_info  # --precision auto, recorded as what ran
+    assert results["args"]["precision"] == ("bf16" if cpu_info().native_bf16 else "fp32")
     if broken is None:
         assert summary["all"] == 100.0 and summary["held_out_all"] == 100.0
     else:
