@@ -3,7 +3,8 @@
 `load_pipeline` is what `ldm.load_pipeline` and the scripts use, so Python callers get the same
 fast path as the command line: the precision picked for the device (bf16 where the CPU does bf16
 arithmetic natively, see ldm.cpu), frozen eval-mode networks, and the convolution memory format,
-weight packing (ldm.models.prepacked), per upsampling block the folded or the direct form
+weight packing (ldm.models.prepacked), linear packing with the fused GEGLU
+(ldm.models.packed_linear), per upsampling block the folded or the direct form
 (ldm.inference.upsample_plan) and, per fp32 layer, Winograd's algorithm
 (ldm.inference.winograd_plan) where they measured faster on this machine
 (ldm.inference.autotune).
@@ -22,9 +23,9 @@ from ldm.inference.autotune import decide
 from ldm.inference.options import default_image_size
 from ldm.inference.upsample_plan import choose_upsampling
 from ldm.inference.winograd_plan import choose_winograd
-from ldm.models.prepacked import available as prepacking_available
 from ldm.models.packed_linear import available as packed_linear_available
 from ldm.models.packed_linear import set_packed_linear
+from ldm.models.prepacked import available as prepacking_available
 from ldm.models.prepacked import set_prepacked, set_winograd
 from ldm.models.upsample import set_upsampling
 from ldm.pipeline import Pipeline
