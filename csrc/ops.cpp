@@ -27,6 +27,8 @@ TORCH_LIBRARY(ldm, m) {
   // softmax(q k^T * scale) v for q [B, H, N, D], k and v [B, H, M, D]; returns [B, H, N, D]
   // stored as [B, N, H, D]. Inference only (no autograd kernel); CPU bf16 in AVX-512 builds.
   m.def("flash_attention(Tensor q, Tensor k, Tensor v, float scale) -> Tensor");
+  // The same attention with both products on AMX tiles; errors where the CPU has none.
+  m.def("flash_attention_amx(Tensor q, Tensor k, Tensor v, float scale) -> Tensor");
 }
 
 // sampler_step is an inference update with no derivative. Falling through the Autograd key

@@ -26,6 +26,7 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include "csrc/cpu/attention_common.h"
 #include "csrc/cpu/vec_helpers.h"
 
 #if defined(CPU_CAPABILITY_AVX512)
@@ -49,12 +50,8 @@ constexpr int64_t kBlockQ = 64;     // query rows per task
 // kBlockK keys of packed K and V (2 x 32 KB in bf16 at d = 64) stay in the core's L2 (1 MB on
 // Zen 4) while a task's kBlockQ rows walk them.
 constexpr int64_t kBlockK = 256;    // keys per online-softmax step (multiple of kChunk)
-constexpr int64_t kMaxHeadDim = 512;  // the VAE's single-head attention has 512
-constexpr float kLog2e = 1.44269504088896341f;
 
 using Pair = uint32_t;  // two bf16 values, the first in the low half
-
-inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 inline Pair pair_of(uint16_t lo, uint16_t hi) { return Pair(lo) | (Pair(hi) << 16); }
 
@@ -76,13 +73,6 @@ struct Shape {
   int64_t d_pairs() const { return (d + 1) / 2; }
   int64_t d_lanes() const { return round_up(d, kLanes); }  // O row length (whole vectors)
   int64_t m_chunks() const { return round_up(m, kChunk); }
-};
-
-// Strided [rows, d] bf16 view of one (batch, head).
-struct Rows {
-  const uint16_t* data;
-  int64_t row_stride;
-  uint16_t at(int64_t row, int64_t col) const { return data[row * row_stride + col]; }
 };
 
 // K of one head as [m_chunks / 64][d_pairs][64] pairs, zero past m and d.
@@ -122,10 +112,6 @@ void with_vectors(int64_t n, F&& f) {
     case 3: f.template operator()<3>(); break;
     default: f.template operator()<4>(); break;
   }
-}
-
-inline __mmask16 first_lanes(int64_t count) {  // lanes [0, count) of a vector, count >= 0
-  return _cvtu32_mask16(count >= kLanes ? 0xFFFFu : (1u << count) - 1);
 }
 
 // S[r][0:16 kVecs] = mul * q_r . k_j for kRows query rows and the first 16 kVecs keys of a
@@ -277,47 +263,13 @@ void attend_block(const Rows& q, int64_t q0, int64_t rows, const Pair* kp, const
       output_update(p_pairs + r * (kBlockK / 2), kBlockK / 2, vp + (k0 / 2) * dl, sh,
                     (count + 1) / 2, w.corr.data() + r, w.o.data() + r * dl);
   }
-  const __mmask16 tail = first_lanes(sh.d % kLanes);
-  for (int64_t r = 0; r < rows; ++r) {
-    const __m512 inv = _mm512_set1_ps(1.0f / w.sum[r]);
-    uint16_t* dst = out + (q0 + r) * out_stride;
-    int64_t e = 0;
-    for (; e + kLanes <= sh.d; e += kLanes)
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + e),
-                          to_bf16_lanes(_mm512_mul_ps(_mm512_loadu_ps(&w.o[r * dl + e]), inv)));
-    if (e < sh.d)
-      _mm256_mask_storeu_epi16(dst + e, tail,
-                               to_bf16_lanes(_mm512_mul_ps(_mm512_loadu_ps(&w.o[r * dl + e]), inv)));
-  }
-}
-
-Rows head_rows(const at::Tensor& t, int64_t b, int64_t h) {
-  return Rows{reinterpret_cast<const uint16_t*>(t.const_data_ptr<c10::BFloat16>()) +
-                  b * t.stride(0) + h * t.stride(1),
-              t.stride(2)};
-}
-
-void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
-  for (const auto* t : {&q, &k, &v}) {
-    TORCH_CHECK(t->dim() == 4, "flash_attention: q, k, v must be [B, H, L, D], got ",
-                t->dim(), " dims");
-    TORCH_CHECK(t->scalar_type() == at::kBFloat16,
-                "flash_attention (CPU): q, k, v must be bfloat16, got ", t->scalar_type());
-    TORCH_CHECK(t->device().is_cpu(), "flash_attention (CPU): tensors must be on the CPU");
-  }
-  TORCH_CHECK(q.size(0) == k.size(0) && q.size(1) == k.size(1) && k.sizes() == v.sizes(),
-              "flash_attention: q ", q.sizes(), ", k ", k.sizes(), " and v ", v.sizes(),
-              " need equal batch and heads, and k and v equal shapes");
-  TORCH_CHECK(q.size(3) == k.size(3), "flash_attention: q and k head sizes differ (",
-              q.size(3), " vs ", k.size(3), ")");
-  TORCH_CHECK(q.size(3) >= 1 && q.size(3) <= kMaxHeadDim,
-              "flash_attention: head size must be in [1, ", kMaxHeadDim, "], got ", q.size(3));
-  TORCH_CHECK(k.size(2) >= 1 || q.size(2) == 0, "flash_attention: no keys to attend to");
+  for (int64_t r = 0; r < rows; ++r)
+    store_normalised_row(&w.o[r * dl], 1.0f / w.sum[r], sh.d, out + (q0 + r) * out_stride);
 }
 
 at::Tensor flash_attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
                                const at::Tensor& v_in, double scale) {
-  check_inputs(q_in, k_in, v_in);
+  check_attention_inputs("flash_attention", q_in, k_in, v_in);
   // Rows may have any stride; elements within a row must be adjacent.
   auto rows_contiguous = [](const at::Tensor& t) { return t.stride(3) == 1 ? t : t.contiguous(); };
   const at::Tensor q = rows_contiguous(q_in), k = rows_contiguous(k_in), v = rows_contiguous(v_in);

@@ -145,6 +145,30 @@ inline __m512 exp2_poly_narrow(__m512 t) {
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.999992847e-01f));
   return _mm512_scalef_ps(p, n);
 }
+
+// 2^t for every lane, cheaper than exp2_poly_narrow where the exponentials dominate (the AMX
+// attention's softmax): f = t - floor(t) in [0, 1) by one vreduceps, 2^f a degree-3 minimax
+// polynomial (Lawson's iteration: 7.5e-5 relative, 4% of bf16's rounding step) and
+// 2^floor(t) applied by vscalefps, which floors its exponent operand itself. Very negative t
+// underflows to 0; t = -inf gives NaN (callers keep t finite).
+inline __m512 exp2_poly3(__m512 t) {
+  const __m512 f = _mm512_reduce_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(7.802402973e-02f), f,
+                             _mm512_set1_ps(2.260670662e-01f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.958339810e-01f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.999251366e-01f));
+  return _mm512_scalef_ps(p, t);
+}
+
+// 32 bf16 values (lo's 16 lanes, then hi's), rounded to nearest even: one vcvtne2ps2bf16 with
+// avx512_bf16.
+inline __m512i to_bf16_pair(__m512 lo, __m512 hi) {
+#if defined(__AVX512BF16__)
+  return reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo));
+#else
+  return _mm512_inserti64x4(_mm512_castsi256_si512(to_bf16_lanes(lo)), to_bf16_lanes(hi), 1);
+#endif
+}
 #endif
 
 // scale 2^(j / 32) for j = 0..31, each rounded once to fp32 from a double Taylor series of

@@ -1,9 +1,11 @@
-"""Multi-head attention softmax(q k^T * scale) v: PyTorch's SDPA and our fused CPU bf16 kernel.
+"""Multi-head attention softmax(q k^T * scale) v: PyTorch's SDPA and our fused CPU bf16 kernels.
 
-The fused kernel (csrc/cpu/attention.cpp) exists because on CPUs with avx512_bf16 but no AMX
-(AMD Zen 4) PyTorch's CPU flash attention runs bf16 no faster than fp32, while bf16 dot
-products (vdpbf16ps) are about 2.4x faster (docs/kernels.md).
-It is an inference kernel: whenever autograd would record the call, SDPA runs instead.
+Two fused kernels, one per kind of CPU (docs/kernels.md has the measurements):
+- `flash_attention` (csrc/cpu/attention.cpp) on avx512_bf16 dot products (vdpbf16ps): on CPUs
+  without AMX (AMD Zen 4) PyTorch's CPU flash attention runs bf16 no faster than fp32.
+- `flash_attention_amx` (csrc/cpu/attention_amx.cpp) on AMX tiles: on a Xeon with AMX,
+  PyTorch's SDPA is bound by its exponentials, which this kernel computes more cheaply.
+Both are inference kernels: whenever autograd would record the call, SDPA runs instead.
 """
 from __future__ import annotations
 
@@ -16,12 +18,16 @@ from torch import Tensor
 from ldm._extension import exporting, fused_device_types, has_extension
 from ldm.cpu import cpu_info
 
-# A fact of the build (the CPU kernel is compiled only for AVX-512 hosts), fixed at import.
+# Facts of the build (the CPU kernels are compiled only for AVX-512 hosts), fixed at import.
 _FUSED_DEVICES = fused_device_types("flash_attention")
+_AMX_DEVICES = fused_device_types("flash_attention_amx")
 # A fact of the machine, read at import too: reading /proc/cpuinfo from a torch.compile'd
 # call would break its graph.
 _AMX = cpu_info().amx_bf16
-MAX_HEAD_DIM = 512  # the kernel's limit (SD U-Net heads are 40-160, the VAE's one head 512)
+MAX_HEAD_DIM = 512  # the kernels' limit (SD U-Net heads are 40-160, the VAE's one head 512)
+# Where the AMX kernel beats SDPA on a Xeon with AMX (bf16, two threads): head sizes 40, 64
+# and 80 took 0.75-0.87x of SDPA's time at 1024-4096 tokens; 128, 160 and 512 took 1.0-1.25x.
+AMX_MAX_HEAD_DIM = 80
 
 
 def attention_reference(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None) -> Tensor:
@@ -30,17 +36,28 @@ def attention_reference(q: Tensor, k: Tensor, v: Tensor, scale: float | None = N
     return out.to(q.dtype)
 
 
-def fused_attention_wins() -> bool:
-    """The fused kernel's bf16 dot products (avx512_bf16 vdpbf16ps) beat PyTorch's SDPA
-    except where AMX tiles (amx_bf16) run oneDNN's matmuls: measured on a Xeon with AMX, SDPA
-    took 1.46 ms per SD U-Net attention call against the fused kernel's 3.2 ms."""
-    return not _AMX
+def fused_head_dim_limit() -> int:
+    """The largest head size the fused kernel for this CPU takes (SDPA runs larger ones)."""
+    return AMX_MAX_HEAD_DIM if _AMX else MAX_HEAD_DIM
+
+
+def fused_attention_op() -> torch._ops.OpOverloadPacket:
+    """The fused kernel for this CPU: AMX tiles where the CPU has them, vdpbf16ps elsewhere.
+    Each beats PyTorch's SDPA where it runs (bf16, two threads, SD U-Net shapes): on AMD Zen 4
+    the vdpbf16ps kernel took 0.36-0.48x of SDPA's time; on a Xeon with AMX it took 3.5x,
+    and the AMX kernel 0.8x at 256-4096 tokens and 0.4-0.5x at 77 keys."""
+    return torch.ops.ldm.flash_attention_amx if _AMX else torch.ops.ldm.flash_attention
+
+
+def fused_attention_devices() -> frozenset[str]:
+    """Device types on which fused_attention_op() has a kernel."""
+    return _AMX_DEVICES if _AMX else _FUSED_DEVICES
 
 
 def uses_fused_attention(q: Tensor, k: Tensor, v: Tensor) -> bool:
     """True when flash_attention would run the fused kernel for these inputs."""
-    return (q.device.type in _FUSED_DEVICES and fused_attention_wins() and q.dtype == torch.bfloat16
-            and k.dtype == v.dtype == torch.bfloat16 and q.shape[-1] <= MAX_HEAD_DIM
+    return (q.device.type in fused_attention_devices() and q.dtype == torch.bfloat16
+            and k.dtype == v.dtype == torch.bfloat16 and q.shape[-1] <= fused_head_dim_limit()
             and k.shape[-2] > 0 and not exporting()
             and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad
                                                   or v.requires_grad)))
@@ -55,7 +72,7 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None)
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     if uses_fused_attention(q, k, v):
-        return torch.ops.ldm.flash_attention(q, k, v, scale)
+        return fused_attention_op()(q, k, v, scale)
     return F.scaled_dot_product_attention(q, k, v, scale=scale)
 
 
@@ -72,3 +89,4 @@ def _fake_flash_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tens
 
 if has_extension():
     torch.library.register_fake("ldm::flash_attention")(_fake_flash_attention)
+    torch.library.register_fake("ldm::flash_attention_amx")(_fake_flash_attention)
