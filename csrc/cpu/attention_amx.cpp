@@ -242,31 +242,41 @@ struct Scratch {
 // zero in between): updates max and sum, rescales the row of O, writes P.
 void softmax_row(const float* s, int64_t count, int64_t padded, float mul, bool first,
                  float& max, float& sum, float* o, int64_t o_len, uint16_t* p) {
-  __m512 vmax = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  // Four running maxima and two running sums: one accumulator would make both passes wait on
+  // its latency (measured 1.25x the time of this row step).
+  const __m512 lowest = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  __m512 max0 = lowest, max1 = lowest, max2 = lowest, max3 = lowest;
   int64_t j = 0;
-  for (; j + kLanes <= count; j += kLanes) vmax = _mm512_max_ps(vmax, _mm512_loadu_ps(s + j));
-  if (j < count)
-    vmax = _mm512_mask_max_ps(vmax, first_lanes(count - j), vmax, _mm512_loadu_ps(s + j));
+  for (; j + 4 * kLanes <= count; j += 4 * kLanes) {
+    max0 = _mm512_max_ps(max0, _mm512_loadu_ps(s + j));
+    max1 = _mm512_max_ps(max1, _mm512_loadu_ps(s + j + kLanes));
+    max2 = _mm512_max_ps(max2, _mm512_loadu_ps(s + j + 2 * kLanes));
+    max3 = _mm512_max_ps(max3, _mm512_loadu_ps(s + j + 3 * kLanes));
+  }
+  for (; j < count; j += kLanes)
+    max0 = _mm512_mask_max_ps(max0, first_lanes(count - j), max0, _mm512_loadu_ps(s + j));
+  const __m512 vmax = _mm512_max_ps(_mm512_max_ps(max0, max1), _mm512_max_ps(max2, max3));
   const float new_max = std::max(max, _mm512_reduce_max_ps(vmax) * mul);
   const float corr = first ? 0.0f : _mm512_cvtss_f32(exp2_poly3(_mm512_set1_ps(max - new_max)));
   const __m512 vmul = _mm512_set1_ps(mul), shift = _mm512_set1_ps(new_max);
-  __m512 vsum = _mm512_setzero_ps();
+  __m512 sum0 = _mm512_setzero_ps(), sum1 = _mm512_setzero_ps();
   j = 0;
   for (; j + 2 * kLanes <= count; j += 2 * kLanes) {  // two vectors, one vcvtne2ps2bf16
     const __m512 e0 = exp2_poly3(_mm512_fmsub_ps(_mm512_loadu_ps(s + j), vmul, shift));
     const __m512 e1 = exp2_poly3(_mm512_fmsub_ps(_mm512_loadu_ps(s + j + kLanes), vmul, shift));
-    vsum = _mm512_add_ps(vsum, _mm512_add_ps(e0, e1));
+    sum0 = _mm512_add_ps(sum0, e0);
+    sum1 = _mm512_add_ps(sum1, e1);
     _mm512_storeu_si512(p + j, to_bf16_pair(e0, e1));
   }
   for (; j < padded; j += kLanes) {
     const __mmask16 valid = first_lanes(count - j);
     const __m512 e = _mm512_maskz_mov_ps(
         valid, exp2_poly3(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(valid, s + j), vmul, shift)));
-    vsum = _mm512_add_ps(vsum, e);
+    sum0 = _mm512_add_ps(sum0, e);
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + j), to_bf16_lanes(e));
   }
   max = new_max;
-  sum = sum * corr + _mm512_reduce_add_ps(vsum);
+  sum = sum * corr + _mm512_reduce_add_ps(_mm512_add_ps(sum0, sum1));
   if (!first && corr != 1.0f) {
     const __m512 vcorr = _mm512_set1_ps(corr);
     for (int64_t e = 0; e < o_len; e += kLanes)
