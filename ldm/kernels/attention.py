@@ -26,7 +26,7 @@ _AMX_DEVICES = fused_device_types("flash_attention_amx")
 _AMX = cpu_info().amx_bf16
 MAX_HEAD_DIM = 512  # the kernels' limit (SD U-Net heads are 40-160, the VAE's one head 512)
 # Where the AMX kernel beats SDPA on a Xeon with AMX (bf16, two threads): head sizes 40, 64
-# and 80 took 0.75-0.87x of SDPA's time at 1024-4096 tokens; 128, 160 and 512 took 1.0-1.25x.
+# and 80 took 0.64-0.79x of SDPA's time at 256-4096 tokens; 128, 160 and 512 took 1.07-1.17x.
 AMX_MAX_HEAD_DIM = 80
 
 
@@ -44,8 +44,8 @@ def fused_head_dim_limit() -> int:
 def fused_attention_op() -> torch._ops.OpOverloadPacket:
     """The fused kernel for this CPU: AMX tiles where the CPU has them, vdpbf16ps elsewhere.
     Each beats PyTorch's SDPA where it runs (bf16, two threads, SD U-Net shapes): on AMD Zen 4
-    the vdpbf16ps kernel took 0.36-0.48x of SDPA's time; on a Xeon with AMX it took 3.5x,
-    and the AMX kernel 0.8x at 256-4096 tokens and 0.4-0.5x at 77 keys."""
+    the vdpbf16ps kernel took 0.36-0.48x of SDPA's time; on a Xeon with AMX it took 3.1-3.7x,
+    and the AMX kernel 0.77-0.79x at 256-4096 tokens and 0.45-0.60x at 77 keys."""
     return torch.ops.ldm.flash_attention_amx if _AMX else torch.ops.ldm.flash_attention
 
 
