@@ -7,7 +7,8 @@ Prints a Markdown table: GroupNorm+SiLU forward and backward (fused vs eager
 F.silu(F.group_norm(x))) per shape, dtype and memory format, with the fused forward's GB/s
 beside a same-size copy_ (the machine's practical bandwidth); then the sampler update vs the
 eager sequence of ops it replaces; then how many rows meet each kernel performance target
-(docs/performance.md) in this run; then the CPU bf16 attention kernel vs PyTorch's SDPA in bf16 and fp32.
+(docs/performance.md) in this run; then the CPU's bf16 attention kernel (AMX tiles where the
+CPU has them, vdpbf16ps elsewhere) vs PyTorch's SDPA in bf16 and fp32.
 Times are medians (or --stat min) of interleaved repeats.
 
 --cache hot (default) calls every op on the same input, so at the U-Net shapes (5-21 MB)
@@ -43,6 +44,7 @@ from ldm._extension import fused_device_types
 from ldm.runtime import enable_huge_pages, tune_allocator
 from ldm.kernels import (PredictionType, flash_attention, group_norm_silu, sampler_step,
                          sampler_step_reference, step_coefficients)
+from ldm.kernels.attention import fused_attention_op, uses_fused_attention
 
 UNET_SHAPES = ["2x320x64x64", "2x640x32x32", "2x1280x16x16"]
 VAE_SHAPES = ["1x512x64x64", "1x128x256x256", "1x128x512x512"]
@@ -224,8 +226,9 @@ def sampler_row(timer: Timer, shape: tuple[int, ...], device: str) -> dict[str, 
     return {"fused": t["fused"], "eager": t["eager"]}
 
 
-def attention_row(timer: Timer, shape: tuple[int, ...]) -> dict[str, float]:
-    """Fused bf16 attention vs SDPA in bf16 and in fp32 on [B, H, L, D] views of [B, L, H*D]."""
+def attention_row(timer: Timer, shape: tuple[int, ...]) -> tuple[str, dict[str, float]]:
+    """Fused bf16 attention vs SDPA in bf16 and in fp32 on [B, H, L, D] views of [B, L, H*D];
+    also the name of what `flash_attention` ran (the CPU's kernel, or SDPA where it loses)."""
     b, h, n, m, d = shape
     gen = torch.Generator().manual_seed(0)
 
@@ -235,7 +238,8 @@ def attention_row(timer: Timer, shape: tuple[int, ...]) -> dict[str, float]:
 
     q, k, v = heads(n, torch.bfloat16), heads(m, torch.bfloat16), heads(m, torch.bfloat16)
     qf, kf, vf = q.float(), k.float(), v.float()
-    return timer.compare({
+    kernel = fused_attention_op().__name__ if uses_fused_attention(q, k, v) else "SDPA"
+    return kernel, timer.compare({
         "fused": lambda: flash_attention(q, k, v),
         "sdpa_bf16": lambda: F.scaled_dot_product_attention(q, k, v),
         "sdpa_fp32": lambda: F.scaled_dot_product_attention(qf, kf, vf)})
@@ -351,15 +355,15 @@ def main(argv: list[str] | None = None) -> int:
         for label, met, span in summary:
             print(f"| {label} | {met} | {span} |", flush=True)
     if args.attention_shapes and args.device == "cpu" and "cpu" in fused_device_types("flash_attention"):
-        print("\n| attention BxHxNxMxD | fused bf16 ms | SDPA bf16 ms | SDPA fp32 ms | "
+        print("\n| attention BxHxNxMxD | kernel | fused bf16 ms | SDPA bf16 ms | SDPA fp32 ms | "
               "x bf16 | x fp32 | fused GFLOP/s |")
-        print("|---|---:|---:|---:|---:|---:|---:|")
+        print("|---|---|---:|---:|---:|---:|---:|---:|")
         for shape_text in args.attention_shapes:
             shape = parse_shape(shape_text)
-            r = attention_row(timer, shape)
+            kernel, r = attention_row(timer, shape)
             b, h, n, m, d = shape
             flops = 4 * b * h * n * m * d  # two products, multiply + add
-            print(f"| {shape_text} | {r['fused'] * 1e3:.1f} | {r['sdpa_bf16'] * 1e3:.1f} | "
+            print(f"| {shape_text} | {kernel} | {r['fused'] * 1e3:.1f} | {r['sdpa_bf16'] * 1e3:.1f} | "
                   f"{r['sdpa_fp32'] * 1e3:.1f} | {r['sdpa_bf16'] / r['fused']:.2f} | "
                   f"{r['sdpa_fp32'] / r['fused']:.2f} | {flops / r['fused'] / 1e9:.0f} |",
                   flush=True)
