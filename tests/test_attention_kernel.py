@@ -135,6 +135,17 @@ def test_each_cpu_gets_its_kernel(monkeypatch, amx):
         torch.testing.assert_close(flash_attention(q, q, q), want(q, q, q, 8 ** -0.5))
 
 
+def test_amx_needs_the_os_as_well_as_the_flag(monkeypatch):
+    from ldm.cpu import CpuInfo
+    from ldm.kernels.attention import _amx_tiles_usable
+    amx = CpuInfo("Xeon", "family 6 model 143", frozenset({"avx512_bf16", "amx_bf16", "amx_tile"}))
+    monkeypatch.setattr("ldm.kernels.attention.cpu_info", lambda: amx)
+    monkeypatch.setattr(torch._C._cpu, "_init_amx", lambda: False)  # an OS that says no
+    assert not _amx_tiles_usable()
+    monkeypatch.setattr(torch._C._cpu, "_init_amx", lambda: True)
+    assert _amx_tiles_usable()
+
+
 def test_head_size_limit(op):
     x = heads_view(1, 1, 4, 520)
     with pytest.raises(RuntimeError, match="head size"):

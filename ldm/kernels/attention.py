@@ -21,9 +21,18 @@ from ldm.cpu import cpu_info
 # Facts of the build (the CPU kernels are compiled only for AVX-512 hosts), fixed at import.
 _FUSED_DEVICES = fused_device_types("flash_attention")
 _AMX_DEVICES = fused_device_types("flash_attention_amx")
+
+
+def _amx_tiles_usable() -> bool:
+    """amx_bf16 among the CPU's flags, and the OS lets this process use the tiles (Linux 5.16+
+    grants them on request: at::cpu::init_amx). Where it does not, the vdpbf16ps kernel runs."""
+    init_amx = getattr(torch._C._cpu, "_init_amx", None)
+    return cpu_info().amx_bf16 and init_amx is not None and bool(init_amx())
+
+
 # A fact of the machine, read at import too: reading /proc/cpuinfo from a torch.compile'd
 # call would break its graph.
-_AMX = cpu_info().amx_bf16
+_AMX = _amx_tiles_usable()
 MAX_HEAD_DIM = 512  # the kernels' limit (SD U-Net heads are 40-160, the VAE's one head 512)
 # Where the AMX kernel beats SDPA on a Xeon with AMX (bf16, two threads): head sizes 40, 64
 # and 80 took 0.64-0.79x of SDPA's time at 256-4096 tokens; 128, 160 and 512 took 1.07-1.17x.
