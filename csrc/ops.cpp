@@ -29,6 +29,11 @@ TORCH_LIBRARY(ldm, m) {
   m.def("flash_attention(Tensor q, Tensor k, Tensor v, float scale) -> Tensor");
   // The same attention with both products on AMX tiles; errors where the CPU has none.
   m.def("flash_attention_amx(Tensor q, Tensor k, Tensor v, float scale) -> Tensor");
+  // Winograd F(m x m, 3x3) transforms of fp32 channels-last tiles (ldm/kernels/winograd.py):
+  // padded [N, m T_h + 2, m T_w + 2, C] -> B^T d B as [a, a, N, T_h, T_w, C], a = m + 2;
+  // products [a, a, N, T_h, T_w, C] -> A^T P A + bias as [N, m T_h, m T_w, C].
+  m.def("winograd_input(Tensor padded, int m) -> Tensor");
+  m.def("winograd_output(Tensor prod, Tensor? bias, int m) -> Tensor");
 }
 
 // sampler_step is an inference update with no derivative. Falling through the Autograd key

@@ -1,6 +1,6 @@
 """3x3 convolutions by Winograd's minimal filtering F(m x m, 3x3), m = 2 or 4 (Lavin and Gray,
-"Fast Algorithms for Convolutional Neural Networks", 2016; the transform matrices below are
-theirs).
+"Fast Algorithms for Convolutional Neural Networks", 2016; their transform matrices and the
+tile transforms are in ldm.kernels.winograd).
 
 An m x m block of outputs of a 3x3 convolution (stride 1) depends on an a x a input tile,
 a = m + 2. With the transforms B (input), G (kernel) and A (output), every tile's output is
@@ -24,10 +24,10 @@ bf16 arithmetic.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from torch import Tensor
+
+from ldm.kernels.winograd import G, TILES, winograd_input, winograd_output
 
 # The transformed tiles and their products are larger than the input and output. Worked in
 # bands of tile rows whose largest temporary stays under this size, they come from the heap
@@ -37,34 +37,14 @@ from torch import Tensor
 # (docs/performance.md).
 BAND_BYTES = 16 * 2**20
 
-Matrix = Sequence[Sequence[float]]
-
-# Per output tile side m: B^T (a x a), G (a x 3), A^T (m x a); interpolation points 0, 1, -1
-# (and 2, -2 for m = 4) and infinity.
-_B_T: dict[int, Matrix] = {
-    2: ((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1)),
-    4: ((4, 0, -5, 0, 1, 0), (0, -4, -4, 1, 1, 0), (0, 4, -4, -1, 1, 0),
-        (0, -2, -1, 2, 1, 0), (0, 2, -1, -2, 1, 0), (0, 4, 0, -5, 0, 1)),
-}
-_G: dict[int, Matrix] = {
-    2: ((1, 0, 0), (1 / 2, 1 / 2, 1 / 2), (1 / 2, -1 / 2, 1 / 2), (0, 0, 1)),
-    4: ((1 / 4, 0, 0), (-1 / 6, -1 / 6, -1 / 6), (-1 / 6, 1 / 6, -1 / 6),
-        (1 / 24, 1 / 12, 1 / 6), (1 / 24, -1 / 12, 1 / 6), (0, 0, 1)),
-}
-_A_T: dict[int, Matrix] = {
-    2: ((1, 1, 1, 0), (0, 1, -1, -1)),
-    4: ((1, 1, 1, 1, 1, 0), (0, 1, -1, 2, -2, 0), (0, 1, 1, 4, 4, 0), (0, 1, -1, 8, -8, 1)),
-}
-TILES = tuple(_B_T)
-
 
 def transform_weight(weight: Tensor, m: int = 2) -> Tensor:
     """(C_out, C_in, 3, 3) kernel -> the a^2 transformed kernels G g G^T as (a^2, C_in, C_out),
     position (i, j) of the a x a transform at index a i + j, in fp32 (about 3e-8 relative
     against fp64)."""
-    if m not in _G:
+    if m not in G:
         raise ValueError(f"Winograd tile side {m} is not one of {TILES}")
-    g = torch.tensor(_G[m], dtype=torch.float64, device=weight.device)
+    g = torch.tensor(G[m], dtype=torch.float64, device=weight.device)
     # G g G^T for every channel pair as one matrix product, (G kron G)[a i + j, 3 k + l] being
     # G[i, k] G[j, l], made straight in the (a^2, C_in, C_out) layout: at SD's sizes an fp64
     # einsum over the four indices took 4-10 s per layer, this under 1 s.
@@ -91,59 +71,26 @@ def winograd_conv2d(x: Tensor, u: Tensor, bias: Tensor | None) -> Tensor:
     padded[:, :, 0].zero_()
     padded[:, :, w + 1:].zero_()
     padded[:, 1:h + 1, 1:w + 1].copy_(x.permute(0, 2, 3, 1))
-    y = x.new_empty(n, m * tiles_h, m * tiles_w, u.shape[2])
     row_bytes = u.shape[0] * tiles_w * max(c, u.shape[2]) * x.element_size()
     rows = max(1, BAND_BYTES // row_bytes)
     if rows >= tiles_h:  # whole images per band
         images = rows // tiles_h
-        for i in range(0, n, images):
-            _band(padded[i:i + images], u, bias, y[i:i + images], m)
+        bands = [_band(padded[i:i + images], u, bias, m) for i in range(0, n, images)]
+        y = bands[0] if len(bands) == 1 else torch.cat(bands)
     else:
-        for i in range(n):
-            for r in range(0, tiles_h, rows):
-                r_end = min(r + rows, tiles_h)
-                _band(padded[i:i + 1, m * r:m * r_end + 2], u, bias, y[i:i + 1, m * r:m * r_end],
-                      m)
+        y = torch.cat([torch.cat([_band(padded[i:i + 1, m * r:m * min(r + rows, tiles_h) + 2],
+                                        u, bias, m)
+                                  for r in range(0, tiles_h, rows)], dim=1)
+                       for i in range(n)])
     if (m * tiles_h, m * tiles_w) != (h, w):
         y = y[:, :h, :w].contiguous()
     return y.permute(0, 3, 1, 2)
 
 
-def _band(padded: Tensor, u: Tensor, bias: Tensor | None, y: Tensor, m: int) -> None:
-    """One band of tile rows: padded (N, m T_h + 2, m T_w + 2, C_in) -> y (N, m T_h, m T_w,
-    C_out), both channels innermost."""
-    n, _, _, c = padded.shape
-    a = m + 2
-    _, tiles_h, tiles_w, c_out = y.shape
-    tiles_h, tiles_w = tiles_h // m, tiles_w // m
-    # B^T applied to the tile rows d0..d_{a-1} (stride m) ...
-    d = [padded[:, k:k + m * (tiles_h - 1) + 1:m] for k in range(a)]
-    rows = padded.new_empty(a, n, tiles_h, m * tiles_w + 2, c)
-    _combine(_B_T[m], d, rows)
-    # ... and B to the columns, all transformed rows at once: (a, a, N, T_h, T_w, C).
-    d = [rows[:, :, :, k:k + m * (tiles_w - 1) + 1:m] for k in range(a)]
-    v = padded.new_empty(a, a, n, tiles_h, tiles_w, c)
-    _combine(_B_T[m], d, v.transpose(0, 1))
-    prod = torch.bmm(v.view(a * a, -1, c), u).view(a, a, n, tiles_h, tiles_w, c_out)
-    if bias is not None:
-        prod[1, 1] += bias  # column 1 of A^T is all ones: A^T M A adds M[1, 1] to every output
-    # A^T over the rows i, then A over the columns j, written straight into the m x m phases.
-    half = padded.new_empty(m, a, n, tiles_h, tiles_w, c_out)
-    _combine(_A_T[m], prod, half)
-    phases = y.view(n, tiles_h, m, tiles_w, m, c_out).permute(2, 4, 0, 1, 3, 5)
-    _combine(_A_T[m], half.transpose(0, 1), phases.transpose(0, 1))
-
-
-def _combine(matrix: Matrix, d: Sequence[Tensor] | Tensor, out: Tensor) -> None:
-    """out[i] = sum_k matrix[i][k] d[k], with out= and in-place ops (no temporaries)."""
-    for i, row in enumerate(matrix):
-        (k0, c0), (k1, c1), *rest = [(k, c) for k, c in enumerate(row) if c != 0]
-        if c0 == 1:
-            torch.add(d[k0], d[k1], alpha=c1, out=out[i])
-        elif c0 == -1 and c1 == 1:
-            torch.sub(d[k1], d[k0], out=out[i])
-        else:
-            torch.mul(d[k0], c0, out=out[i])
-            out[i].add_(d[k1], alpha=c1)
-        for k, c in rest:
-            out[i].add_(d[k], alpha=c)
+def _band(padded: Tensor, u: Tensor, bias: Tensor | None, m: int) -> Tensor:
+    """One band of tile rows: padded (N, m T_h + 2, m T_w + 2, C_in) -> (N, m T_h, m T_w,
+    C_out), channels innermost: transformed tiles, a^2 matrix products, inverse transform."""
+    v = winograd_input(padded, m)
+    a, _, n, tiles_h, tiles_w, c = v.shape
+    prod = torch.bmm(v.view(a * a, -1, c), u).view(a, a, n, tiles_h, tiles_w, u.shape[2])
+    return winograd_output(prod, bias, m)
