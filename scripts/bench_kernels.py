@@ -363,7 +363,8 @@ def main(argv: list[str] | None = None) -> int:
             kernel, r = attention_row(timer, shape)
             b, h, n, m, d = shape
             flops = 4 * b * h * n * m * d  # two products, multiply + add
-            print(f"| {shape_text} | {kernel} | {r['fused'] * 1e3:.1f} | {r['sdpa_bf16'] * 1e3:.1f} | "
+            print(f"| {shape_text} | {kernel} | {r['fused'] * 1e3:.1f} | "
+                  f"{r['sdpa_bf16'] * 1e3:.1f} | "
                   f"{r['sdpa_fp32'] * 1e3:.1f} | {r['sdpa_bf16'] / r['fused']:.2f} | "
                   f"{r['sdpa_fp32'] / r['fused']:.2f} | {flops / r['fused'] / 1e9:.0f} |",
                   flush=True)

@@ -226,13 +226,26 @@ LDM_AMX void output_rows16(const uint16_t* p, int64_t lp, const uint16_t* v, int
   if (n > 3) _tile_stored(3, o + 48, lo * 4);
 }
 
-// Per-thread buffers of one task (rows padded to 32).
+// A buffer of n values of T from PyTorch's CPU allocator: 64-byte aligned, so tile rows that
+// start at multiples of 64 bytes in it never straddle two cache lines (with malloc's 16-byte
+// alignment, calls took 50 or 60 ms depending on where the buffers landed). Uninitialised.
+template <typename T>
+struct Buffer {
+  at::Tensor storage;
+  T* data;
+  explicit Buffer(int64_t n)
+      : storage(at::empty({n * static_cast<int64_t>(sizeof(T))}, at::kByte)),
+        data(reinterpret_cast<T*>(storage.data_ptr<uint8_t>())) {}
+  T* get() const { return data; }
+};
+
+// Per-thread buffers of one task (rows padded to 32); every value is written before it is read.
 struct Scratch {
-  std::vector<uint16_t> q;  // [rows][d_chunks * 32]
-  std::vector<float> s;     // [rows][kBlockK]
-  std::vector<uint16_t> p;  // [rows][kBlockK]
-  std::vector<float> o;     // [rows][o_stride]
-  std::vector<float> max, sum;
+  Buffer<uint16_t> q;  // [rows][d_chunks * 32]
+  Buffer<float> s;     // [rows][kBlockK]
+  Buffer<uint16_t> p;  // [rows][kBlockK]
+  Buffer<float> o;     // [rows][o_stride]
+  Buffer<float> max, sum;
   explicit Scratch(const Shape& sh)
       : q(kBlockQ * sh.d_chunks() * kTileK), s(kBlockQ * kBlockK), p(kBlockQ * kBlockK),
         o(kBlockQ * sh.o_stride()), max(kBlockQ), sum(kBlockQ) {}
@@ -291,12 +304,12 @@ LDM_AMX void attend_block(const Rows& q, int64_t q0, int64_t rows, const uint16_
   const int64_t chunks = sh.d_chunks(), lq = chunks * kTileK, tiles = sh.d_tiles(),
                 lo = sh.o_stride(), padded_rows = round_up(rows, 2 * kRowsPerTile);
   for (int64_t r = 0; r < padded_rows; ++r) {
-    uint16_t* dst = w.q.data() + r * lq;
+    uint16_t* dst = w.q.get() + r * lq;
     std::fill(dst, dst + lq, 0);
     if (r < rows) std::memcpy(dst, q.data + (q0 + r) * q.row_stride, sh.d * sizeof(uint16_t));
   }
-  std::fill(w.max.begin(), w.max.end(), -std::numeric_limits<float>::infinity());
-  std::fill(w.sum.begin(), w.sum.end(), 0.0f);
+  std::fill(w.max.get(), w.max.get() + padded_rows, -std::numeric_limits<float>::infinity());
+  std::fill(w.sum.get(), w.sum.get() + padded_rows, 0.0f);
   for (int64_t k0 = 0; k0 < sh.m; k0 += kBlockK) {
     const int64_t count = std::min(kBlockK, sh.m - k0), padded = round_up(count, kTileK);
     const uint16_t* kb = kp + (k0 / kTileK) * chunks * 2 * kTileValues;
@@ -304,26 +317,26 @@ LDM_AMX void attend_block(const Rows& q, int64_t q0, int64_t rows, const uint16_
     // products with the softmax per 32 rows measured 1.2x slower).
     if (chunks <= 2) {
       for (int64_t r = 0; r < padded_rows; r += kRowsPerTile)
-        scores_rows16(w.q.data() + r * lq, lq, kb, chunks, padded, w.s.data() + r * kBlockK,
+        scores_rows16(w.q.get() + r * lq, lq, kb, chunks, padded, w.s.get() + r * kBlockK,
                       kBlockK);
     } else {
       for (int64_t r = 0; r < padded_rows; r += 2 * kRowsPerTile)
         for (int64_t j = 0; j < padded; j += kTileK)
-          scores_32x32(w.q.data() + r * lq, lq, kb + (j / kTileK) * chunks * 2 * kTileValues,
-                       chunks, w.s.data() + r * kBlockK + j, kBlockK);
+          scores_32x32(w.q.get() + r * lq, lq, kb + (j / kTileK) * chunks * 2 * kTileValues,
+                       chunks, w.s.get() + r * kBlockK + j, kBlockK);
     }
     for (int64_t r = 0; r < padded_rows; ++r)
-      softmax_row(w.s.data() + r * kBlockK, count, padded, mul, k0 == 0, w.max[r], w.sum[r],
-                  w.o.data() + r * lo, lo, w.p.data() + r * kBlockK);
+      softmax_row(w.s.get() + r * kBlockK, count, padded, mul, k0 == 0, w.max.get()[r],
+                  w.sum.get()[r], w.o.get() + r * lo, lo, w.p.get() + r * kBlockK);
     const uint16_t* vb = vp + (k0 / kTileK) * tiles * kTileValues;
     for (int64_t r = 0; r < padded_rows; r += kRowsPerTile)
       for (int64_t t = 0; t < tiles; t += 4)
-        output_rows16(w.p.data() + r * kBlockK, kBlockK, vb, padded / kTileK, tiles, t,
+        output_rows16(w.p.get() + r * kBlockK, kBlockK, vb, padded / kTileK, tiles, t,
                       static_cast<int>(std::min<int64_t>(4, tiles - t)),
-                      w.o.data() + r * lo + t * kRowsPerTile, lo, k0 > 0);
+                      w.o.get() + r * lo + t * kRowsPerTile, lo, k0 > 0);
   }
   for (int64_t r = 0; r < rows; ++r)
-    store_normalised_row(w.o.data() + r * lo, 1.0f / w.sum[r], sh.d,
+    store_normalised_row(w.o.get() + r * lo, 1.0f / w.sum.get()[r], sh.d,
                          out + (q0 + r) * out_stride);
 }
 
@@ -339,13 +352,20 @@ at::Tensor flash_attention_amx_cpu(const at::Tensor& q_in, const at::Tensor& k_i
   if (out.numel() == 0) return out.transpose(1, 2);
 
   const int64_t heads = sh.batch * sh.heads, per_head = sh.k_size() + sh.v_size();
-  std::vector<uint16_t> packed(heads * per_head);
+  // One buffer per head, uninitialised (the packers write every value, padding included).
+  // Per head, an SD self-attention's 1 MB blocks stay under the allocator's mmap threshold
+  // (8 MiB in bf16, ldm.runtime.tune_allocator) and are reused from the heap on every call;
+  // one 10 MB buffer was mapped afresh each time, and its page faults took about a sixth of
+  // the call.
+  std::vector<Buffer<uint16_t>> packed;
+  packed.reserve(heads);
+  for (int64_t bh = 0; bh < heads; ++bh) packed.emplace_back(per_head);
   const int64_t groups = sh.key_groups();
   at::parallel_for(0, heads * groups, 8, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / groups, g = task % groups, b = bh / sh.heads, h = bh % sh.heads;
-      pack_key_group(head_rows(k, b, h), sh, g, packed.data() + bh * per_head);
-      pack_value_group(head_rows(v, b, h), sh, g, packed.data() + bh * per_head + sh.k_size());
+      pack_key_group(head_rows(k, b, h), sh, g, packed[bh].get());
+      pack_value_group(head_rows(v, b, h), sh, g, packed[bh].get() + sh.k_size());
     }
   });
 
@@ -358,7 +378,7 @@ at::Tensor flash_attention_amx_cpu(const at::Tensor& q_in, const at::Tensor& k_i
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / blocks, q0 = (task % blocks) * kBlockQ;
       const int64_t b = bh / sh.heads, h = bh % sh.heads;
-      const uint16_t* kp = packed.data() + bh * per_head;
+      const uint16_t* kp = packed[bh].get();
       attend_block(head_rows(q, b, h), q0, std::min(kBlockQ, sh.n - q0), kp, kp + sh.k_size(),
                    sh, mul, out_data + b * out.stride(0) + h * out.stride(2), out.stride(1), w);
     }

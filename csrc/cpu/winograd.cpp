@@ -150,13 +150,14 @@ at::Tensor winograd_input_cpu(const at::Tensor& padded_in, int64_t m) {
 }
 
 // prod [a, a, N, T_h, T_w, C] -> y [N, m T_h, m T_w, C] = A^T prod A (+ bias per channel).
-at::Tensor winograd_output_cpu(const at::Tensor& prod_in, const std::optional<at::Tensor>& bias_in,
-                               int64_t m) {
+at::Tensor winograd_output_cpu(const at::Tensor& prod_in,
+                               const std::optional<at::Tensor>& bias_in, int64_t m) {
   check_tile_side(m);
   const int64_t a = m + 2;
   TORCH_CHECK(prod_in.dim() == 6 && prod_in.size(0) == a && prod_in.size(1) == a &&
                   prod_in.scalar_type() == at::kFloat,
-              "winograd_output: prod must be a float32 [a, a, N, T_h, T_w, C] tensor with a = m + 2");
+              "winograd_output: prod must be a float32 [a, a, N, T_h, T_w, C] tensor with "
+              "a = m + 2");
   const at::Tensor prod = prod_in.contiguous();
   const int64_t n = prod.size(2), th = prod.size(3), tw = prod.size(4), c = prod.size(5);
   at::Tensor bias;
