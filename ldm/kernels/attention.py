@@ -34,9 +34,9 @@ def _amx_tiles_usable() -> bool:
 # call would break its graph.
 _AMX = _amx_tiles_usable()
 MAX_HEAD_DIM = 512  # the kernels' limit (SD U-Net heads are 40-160, the VAE's one head 512)
-# Where the AMX kernel beats SDPA on a Xeon with AMX (bf16, two threads): head sizes 40, 64
-# and 80 took 0.64-0.79x of SDPA's time at 256-4096 tokens; 128, 160 and 512 took 1.07-1.17x.
-AMX_MAX_HEAD_DIM = 80
+# Where the AMX kernel beats SDPA on a Xeon with AMX (bf16, two threads): head sizes 40-128
+# took 0.60-0.77x of SDPA's time at 256-4096 tokens; 160 and 512 were level (1.02-1.07x).
+AMX_MAX_HEAD_DIM = 128
 
 
 def attention_reference(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None) -> Tensor:
@@ -53,8 +53,8 @@ def fused_head_dim_limit() -> int:
 def fused_attention_op() -> torch._ops.OpOverloadPacket:
     """The fused kernel for this CPU: AMX tiles where the CPU has them, vdpbf16ps elsewhere.
     Each beats PyTorch's SDPA where it runs (bf16, two threads, SD U-Net shapes): on AMD Zen 4
-    the vdpbf16ps kernel took 0.36-0.48x of SDPA's time; on a Xeon with AMX it took 3.1-3.7x,
-    and the AMX kernel 0.77-0.79x at 256-4096 tokens and 0.45-0.60x at 77 keys."""
+    the vdpbf16ps kernel took 0.36-0.48x of SDPA's time; on a Xeon with AMX it took 3.1-3.8x,
+    and the AMX kernel 0.67-0.77x at 256-4096 tokens and 0.37-0.48x at 77 keys."""
     return torch.ops.ldm.flash_attention_amx if _AMX else torch.ops.ldm.flash_attention
 
 
