@@ -60,30 +60,38 @@ inline void apply(const float (&t)[R][K], const Vec (&in)[K], Vec (&out)[R]) {
   }
 }
 
+// store(i, j, (T X T^T)[i][j]) for i, j < R, with X[k][l] = load(k, l) for k, l < K: T down
+// the columns of X, then along the rows of the result. Both transforms are this product.
+template <int R, int K, typename Load, typename Store>
+inline void two_sided(const float (&t)[R][K], Load&& load, Store&& store) {
+  Vec half[R][K];  // T X, rows i, columns l
+#pragma GCC unroll 8
+  for (int l = 0; l < K; ++l) {
+    Vec column[K], transformed[R];
+#pragma GCC unroll 8
+    for (int k = 0; k < K; ++k) column[k] = load(k, l);
+    apply(t, column, transformed);
+#pragma GCC unroll 8
+    for (int i = 0; i < R; ++i) half[i][l] = transformed[i];
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < R; ++i) {
+    Vec out[R];
+    apply(t, half[i], out);
+#pragma GCC unroll 8
+    for (int j = 0; j < R; ++j) store(i, j, out[j]);
+  }
+}
+
 // v[i][j] (planes of `plane` floats) = (B^T d B)[i][j] for `lanes` channels of one tile whose
 // top-left input is `d` (rows `row` floats apart, pixels `pixel` apart).
 template <int M>
 inline void input_tile(const float* d, int64_t row, int64_t pixel, float* v, int64_t plane,
                        int64_t lanes) {
   constexpr int A = M + 2;
-  const auto& bt = Matrices<M>::kBT;
-  Vec cols[A][A];  // (B^T d) with rows i, columns l
-#pragma GCC unroll 8
-  for (int l = 0; l < A; ++l) {
-    Vec column[A], transformed[A];
-#pragma GCC unroll 8
-    for (int k = 0; k < A; ++k) column[k] = Vec::loadu(d + k * row + l * pixel, lanes);
-    apply(bt, column, transformed);
-#pragma GCC unroll 8
-    for (int i = 0; i < A; ++i) cols[i][l] = transformed[i];
-  }
-#pragma GCC unroll 8
-  for (int i = 0; i < A; ++i) {
-    Vec out[A];
-    apply(bt, cols[i], out);
-#pragma GCC unroll 8
-    for (int j = 0; j < A; ++j) out[j].store(v + (i * A + j) * plane, lanes);
-  }
+  two_sided(
+      Matrices<M>::kBT, [&](int k, int l) { return Vec::loadu(d + k * row + l * pixel, lanes); },
+      [&](int i, int j, const Vec& x) { x.store(v + (i * A + j) * plane, lanes); });
 }
 
 // y (m x m pixels, rows `row` floats apart) = A^T P A + bias for `lanes` channels of one tile,
@@ -92,25 +100,10 @@ template <int M>
 inline void output_tile(const float* p, int64_t plane, const float* bias, float* y,
                         int64_t row, int64_t pixel, int64_t lanes) {
   constexpr int A = M + 2;
-  const auto& at = Matrices<M>::kAT;
   const Vec b = bias ? Vec::loadu(bias, lanes) : Vec(0.0f);
-  Vec rows[M][A];  // (A^T P) with rows r, columns j
-#pragma GCC unroll 8
-  for (int j = 0; j < A; ++j) {
-    Vec column[A], transformed[M];
-#pragma GCC unroll 8
-    for (int i = 0; i < A; ++i) column[i] = Vec::loadu(p + (i * A + j) * plane, lanes);
-    apply(at, column, transformed);
-#pragma GCC unroll 8
-    for (int r = 0; r < M; ++r) rows[r][j] = transformed[r];
-  }
-#pragma GCC unroll 8
-  for (int r = 0; r < M; ++r) {
-    Vec out[M];
-    apply(at, rows[r], out);
-#pragma GCC unroll 8
-    for (int c = 0; c < M; ++c) (out[c] + b).store(y + r * row + c * pixel, lanes);
-  }
+  two_sided(
+      Matrices<M>::kAT, [&](int i, int j) { return Vec::loadu(p + (i * A + j) * plane, lanes); },
+      [&](int r, int c, const Vec& x) { (x + b).store(y + r * row + c * pixel, lanes); });
 }
 
 void check_tile_side(int64_t m) {
